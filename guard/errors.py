@@ -1,7 +1,7 @@
 """Exception types shared by every softguard package.
 
 The CLI prints a :class:`SoftguardError` as one line, without a traceback, so each message
-names the field or value at fault and says what to do instead.
+names the field or value at fault and states what to do instead.
 """
 
 from __future__ import annotations

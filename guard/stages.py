@@ -3,7 +3,7 @@
 A causal LM generates in forward passes over one sequence: forward 0 processes the prompt
 (the *prefill* positions, then the last prompt position whose logits pick the *first token*),
 and forward k >= 1 is *decode step* k, one new position per row. The tracker counts these
-passes with one forward pre-hook on the top-level model, so every component asks it rather
+passes with one forward pre-hook on the top-level model, so every component queries it rather
 than guessing the stage from tensor shapes.
 
 A new sequence starts when the forward gets no cache or an empty one (Cache API
@@ -44,7 +44,7 @@ STAGES = tuple(stage.value for stage in Stage)
 
 @dataclass(frozen=True)
 class ForwardInfo:
-    """Where the running forward pass sits in its sequence.
+    """Position of the running forward pass in its sequence.
 
     ``index`` is 0 for the prompt pass and k for decode step k. ``seq_len`` is the number of
     positions this pass processes (prompt length on forward 0, usually 1 afterwards).
@@ -87,7 +87,7 @@ ForwardListener = Callable[["StageTracker", ForwardInfo], None]
 
 
 class StageTracker:
-    """Counts the forward passes of one model and tells listeners where each one sits.
+    """Counts the forward passes of one model and notifies listeners at each one.
 
     Attach with :meth:`attach` and release with :meth:`detach`; the tracker is shared and
     reference counted, so the guard and an injector can hold it at the same time, and its
@@ -129,7 +129,7 @@ class StageTracker:
         return tracker if tracker is not None and tracker._refcount > 0 else None
 
     def detach(self) -> None:
-        """Release one hold; the last release removes the hooks and forgets the model."""
+        """Release one hold; the last release removes the hooks and the model's entry."""
         if self._refcount == 0:
             return
         self._refcount -= 1
@@ -185,7 +185,7 @@ class StageTracker:
     def start_sequence(self, first_index: int = 0) -> None:
         """Make the next forward count as pass ``first_index`` of a sequence.
 
-        Needed when ``generate`` receives a cache that already holds the prompt and
+        Needed when ``generate`` receives a cache that already contains the prompt and
         ``first_index - 1`` decode steps, so the cache length alone would mislead.
         """
         if first_index < 0:
@@ -250,7 +250,7 @@ class StageTracker:
 
 
 def _cache_is_empty(kwargs: dict) -> bool:
-    """Tell whether a forward starts a new sequence: no cache, or a cache holding nothing."""
+    """Tell whether a forward starts a new sequence: no cache, or an empty one."""
     # transformers 5.x passes the cache as ``cache``; earlier releases as ``past_key_values``.
     cache = kwargs.get("cache")
     if cache is None:
