@@ -1,0 +1,694 @@
+"""Fault-injection campaigns: batched trials, resumable and shardable, over one or more arms.
+
+Trial ``t`` runs on input ``t % limit``. The trials of one input are cut into batches of
+``batch_size - 1``; each ``generate`` call holds one prompt repeated ``batch_size`` times,
+row 0 fault-free (the reference row, which gives the golden tokens under the exact batch
+composition of the trials) and one trial per other row. Every arm (a set of mitigations, or
+none) runs the same batches with the same resolved faults, arm after arm inside each batch,
+so timing ratios between arms come from interleaved runs.
+
+Faults are resolved per trial from ``(seed, trial id)``, so they do not depend on the batch
+size, the arm or how the work is split across processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+
+from guard.errors import ConfigError, NotFoundError, close_matches
+
+from evals import provenance
+from evals.config import CampaignConfig, parse_arm
+from evals.store import ResultStore, record_key
+
+logger = logging.getLogger(__name__)
+
+
+# ----- planning ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """One batch of trials that share a prompt: ``trial_ids[i]`` runs in batch row ``i + 1``."""
+
+    index: int
+    input_index: int
+    trial_ids: tuple[int, ...]
+
+
+def plan_units(n_inputs: int, trials: int, trials_per_batch: int) -> list[WorkUnit]:
+    """Spread ``trials`` round-robin over ``n_inputs`` inputs and cut each input's trials into batches."""
+    if n_inputs < 1:
+        raise ConfigError("The task produced no inputs. Check the task options or raise --limit.")
+    per_input: list[list[int]] = [[] for _ in range(n_inputs)]
+    for trial in range(trials):
+        per_input[trial % n_inputs].append(trial)
+    units: list[WorkUnit] = []
+    for input_index, ids in enumerate(per_input):
+        for start in range(0, len(ids), trials_per_batch):
+            units.append(WorkUnit(len(units), input_index, tuple(ids[start : start + trials_per_batch])))
+    return units
+
+
+def derive_seed(seed: int, *parts: object) -> int:
+    """Return a 63-bit seed derived from ``seed`` and ``parts``, stable across runs and machines."""
+    text = ":".join(str(part) for part in (seed, *parts))
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 1
+
+
+def shard_units(units: list[WorkUnit], rank: int, world_size: int) -> list[WorkUnit]:
+    """Return the units that process ``rank`` of ``world_size`` runs (round-robin, so loads even out)."""
+    return units[rank::world_size]
+
+
+# ----- prompts ----------------------------------------------------------------------------
+
+
+@dataclass
+class PreparedInput:
+    """One task input with its encoded prompt."""
+
+    index: int
+    input_id: str
+    example: Any
+    prompt: str
+    prompt_ids: torch.Tensor  # [1, prompt_length]
+
+    @property
+    def prompt_length(self) -> int:
+        return int(self.prompt_ids.shape[1])
+
+
+def encode_prompt(tokenizer, prompt: Any) -> torch.Tensor:
+    """Return ``[1, length]`` token ids for a prompt given as text or as token ids."""
+    if torch.is_tensor(prompt):
+        return prompt.reshape(1, -1).long()
+    if isinstance(prompt, (list, tuple)) and all(isinstance(item, int) for item in prompt):
+        return torch.tensor([list(prompt)], dtype=torch.long)
+    encoded = tokenizer(str(prompt), return_tensors="pt")
+    return encoded["input_ids"]
+
+
+def example_id(example: Any, index: int) -> str:
+    for attribute in ("id", "input_id", "task_id", "name"):
+        value = getattr(example, attribute, None)
+        if value is None and isinstance(example, dict):
+            value = example.get(attribute)
+        if value is not None:
+            return str(value)
+    return str(index)
+
+
+def prepare_inputs(task, tokenizer, limit: int, n_shots: int | None) -> list[PreparedInput]:
+    """Return the first ``limit`` inputs of ``task`` with their prompts built and encoded."""
+    prepared = []
+    for index, example in enumerate(itertools.islice(task.examples(), limit)):
+        prompt = build_prompt(task, example, n_shots, tokenizer)
+        prepared.append(PreparedInput(index, example_id(example, index), example, prompt, encode_prompt(tokenizer, prompt)))
+    return prepared
+
+
+def build_prompt(task, example, n_shots: int | None, tokenizer):
+    if n_shots is None:
+        n_shots = getattr(task, "default_shots", getattr(task, "default_n_shots", 0))
+    return task.build_prompt(example, n_shots, tokenizer)
+
+
+# ----- one batch --------------------------------------------------------------------------
+
+
+@dataclass
+class RowResult:
+    """What one batch row produced."""
+
+    tokens: list[int]
+    text: str
+    nonfinite: bool = False
+    error: str | None = None
+    fired: list[dict] = field(default_factory=list)
+    detections: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class BatchResult:
+    rows: list[RowResult]
+    seconds: float
+    forward_passes: int
+    extra_forward_passes: int = 0
+    retried_rows: int = 0
+
+
+def strip_generation(tokens: list[int], eos_ids: set[int], pad_id: int | None) -> list[int]:
+    """Cut generated tokens at the first end-of-sequence token (kept out) and drop trailing padding."""
+    kept = []
+    for token in tokens:
+        if token in eos_ids:
+            break
+        kept.append(token)
+    while kept and pad_id is not None and kept[-1] == pad_id and pad_id not in eos_ids:
+        kept.pop()
+    return kept
+
+
+def eos_token_ids(model, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids
+
+
+class _NonFiniteWatch:
+    """Forward hook on the model that flags batch rows whose logits hold NaN or Inf."""
+
+    def __init__(self, model, rows: int):
+        self.flags = torch.zeros(rows, dtype=torch.bool)
+        self._handle = model.register_forward_hook(self._check)
+
+    def _check(self, _module, _args, output) -> None:
+        logits = getattr(output, "logits", None)
+        if logits is None and isinstance(output, tuple) and output:
+            logits = output[0]
+        if not torch.is_tensor(logits) or logits.dim() < 2 or logits.shape[0] != self.flags.shape[0]:
+            return
+        bad = ~torch.isfinite(logits.detach()).reshape(logits.shape[0], -1).all(dim=1)
+        self.flags |= bad.cpu()
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+def run_batch(
+    model,
+    tokenizer,
+    prompt_ids: torch.Tensor,
+    faults_by_row: list[Any | None],
+    max_new_tokens: int,
+    injector_factory: Callable[[Any], Any] | None = None,
+) -> BatchResult:
+    """Generate greedily for ``len(faults_by_row)`` copies of one prompt, row ``r`` carrying its fault.
+
+    A row's fault must already name that row. Rows with None run fault-free. NaN or Inf
+    logits mark a row as non-finite; an exception marks every row with the error.
+    """
+    rows = len(faults_by_row)
+    device = _model_device(model)
+    input_ids = prompt_ids.to(device).repeat(rows, 1)  # [rows, prompt_length]
+    attention_mask = torch.ones_like(input_ids)
+    faults = [fault for fault in faults_by_row if fault is not None]
+    watch = _NonFiniteWatch(model, rows)
+    passes = _PassCounter(model)
+    injector = None
+    error: str | None = None
+    sequences = None
+    started = time.perf_counter()
+    try:
+        if faults:
+            injector = (injector_factory or _default_injector)(model)
+            with injector.armed(faults):
+                sequences = _greedy_generate(model, tokenizer, input_ids, attention_mask, max_new_tokens)
+        else:
+            sequences = _greedy_generate(model, tokenizer, input_ids, attention_mask, max_new_tokens)
+    except (RuntimeError, ValueError, FloatingPointError, IndexError) as caught:
+        # A corrupted value can make generate itself fail (for example an invalid index).
+        error = f"{type(caught).__name__}: {caught}"
+        logger.debug("generate raised under faults %s", faults, exc_info=True)
+    finally:
+        seconds = time.perf_counter() - started
+        watch.remove()
+        passes.remove()
+
+    eos_ids = eos_token_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id
+    fired_by_row = _fired_by_row(injector)
+    results = []
+    for row in range(rows):
+        if sequences is None:
+            results.append(RowResult([], "", nonfinite=bool(watch.flags[row]), error=error))
+            continue
+        generated = sequences[row, input_ids.shape[1] :].tolist()
+        tokens = strip_generation(generated, eos_ids, pad_id)
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        results.append(
+            RowResult(tokens, text, nonfinite=bool(watch.flags[row]), fired=fired_by_row.get(row, []))
+        )
+    return BatchResult(results, seconds, passes.count)
+
+
+def _greedy_generate(model, tokenizer, input_ids, attention_mask, max_new_tokens):
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with torch.inference_mode():
+        return model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad_id,
+        )
+
+
+class _PassCounter:
+    """Counts the forward passes of the top-level model (recomputations included)."""
+
+    def __init__(self, model):
+        self.count = 0
+        self._handle = model.register_forward_pre_hook(self._count)
+
+    def _count(self, _module, _args) -> None:
+        self.count += 1
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+def _model_device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def _default_injector(model):
+    from injectors import Injector
+
+    return Injector(model)
+
+
+def _to_dict(item: Any) -> dict:
+    if isinstance(item, dict):
+        return item
+    to_dict = getattr(item, "to_dict", None)
+    if callable(to_dict):
+        return to_dict()
+    return {key: value for key, value in vars(item).items() if not key.startswith("_")}
+
+
+def _fired_by_row(injector) -> dict[int, list[dict]]:
+    by_row: dict[int, list[dict]] = {}
+    if injector is None:
+        return by_row
+    for fired in getattr(injector, "fired", []) or []:
+        record = _jsonable(_to_dict(fired))
+        row = record.get("row")
+        if row is None and isinstance(record.get("fault"), dict):
+            row = record["fault"].get("row")
+        by_row.setdefault(int(row or 0), []).append(record)
+    return by_row
+
+
+def _jsonable(value: Any) -> Any:
+    """Convert tensors, dtypes and enums inside a record to JSON types."""
+    if isinstance(value, dict):
+        return {str(key): _jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(item) for item in value]
+    if torch.is_tensor(value):
+        return value.tolist()
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if hasattr(value, "value") and isinstance(getattr(value, "value"), (str, int)):
+        return value.value
+    return str(value)
+
+
+# ----- arms -------------------------------------------------------------------------------
+
+
+def check_mitigation_names(names: Iterable[str]) -> None:
+    """Raise NotFoundError for a mitigation name the registry does not know, with close matches."""
+    import mitigations
+
+    available = list(mitigations.available())
+    for name in names:
+        if name not in available:
+            raise NotFoundError(
+                f"Unknown mitigation {name!r}.{close_matches(name, available)} "
+                f"Available mitigations: {', '.join(sorted(available))}."
+            )
+
+
+def build_mitigations(arm: str, options: dict[str, dict]) -> list:
+    """Return fresh mitigation objects for ``arm``, configured from ``options[name]``."""
+    import mitigations
+
+    return [mitigations.get(name, **dict(options.get(name, {}))) for name in parse_arm(arm)]
+
+
+class ProtectedArm:
+    """Context manager that protects the model with an arm's mitigations and unprotects it after."""
+
+    def __init__(self, model, arm: str, options: dict[str, dict]):
+        self.model = model
+        self.arm = arm
+        self.options = options
+        self.active = bool(parse_arm(arm))
+        self.objects: list = []
+
+    def __enter__(self) -> "ProtectedArm":
+        if self.active:
+            import guard
+
+            self.objects = build_mitigations(self.arm, self.options)
+            guard.protect(self.model, mitigations=self.objects)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.active:
+            import guard
+
+            guard.unprotect(self.model)
+
+    def reset_report(self) -> None:
+        if self.active:
+            import guard
+
+            guard.get_report(self.model).reset()
+
+    def call_reports(self) -> list:
+        if not self.active:
+            return []
+        import guard
+
+        return list(guard.get_report(self.model).calls)
+
+    def dynamic_shots(self):
+        for item in self.objects:
+            if getattr(item, "name", "") == "dynamic_shots":
+                return item
+        return None
+
+
+# ----- faults -----------------------------------------------------------------------------
+
+
+class FaultPlanner:
+    """Resolves the fault of each trial once, from ``(seed, trial id)``, and places it in a batch row."""
+
+    def __init__(self, model, fault: dict, seed: int, max_new_tokens: int):
+        from injectors import FaultSpec
+
+        self.model = model
+        self.spec = FaultSpec.from_dict(dict(fault))
+        self.seed = seed
+        self.max_new_tokens = max_new_tokens
+        self._resolved: dict[int, dict] = {}
+
+    def fault_dict(self, trial: int, prompt_length: int) -> dict:
+        """Return the resolved fault of ``trial`` as a dict (row 0; :meth:`for_row` moves it)."""
+        if trial not in self._resolved:
+            from injectors import resolve_faults
+
+            faults = resolve_faults(
+                self.model,
+                self.spec,
+                seed=derive_seed(self.seed, "fault", trial),
+                n=1,
+                prompt_length=prompt_length,
+                max_new_tokens=self.max_new_tokens,
+                batch_size=1,
+            )
+            if len(faults) != 1:
+                raise ConfigError(
+                    f"fault={self.spec!r} resolved to {len(faults)} faults for one trial; "
+                    "a campaign needs exactly one fault per trial."
+                )
+            self._resolved[trial] = _jsonable(faults[0].to_dict())
+        return dict(self._resolved[trial])
+
+    def for_row(self, trial: int, prompt_length: int, row: int):
+        """Return the trial's fault as a Fault object aimed at batch row ``row``."""
+        from injectors import Fault
+
+        data = self.fault_dict(trial, prompt_length)
+        data["row"] = row
+        return Fault.from_dict(data)
+
+
+# ----- running ----------------------------------------------------------------------------
+
+
+@dataclass
+class CampaignContext:
+    """Everything a worker needs to run work units: model, task, inputs and faults."""
+
+    config: CampaignConfig
+    model: Any
+    tokenizer: Any
+    task: Any
+    inputs: list[PreparedInput]
+    max_new_tokens: int
+    planner: FaultPlanner
+
+
+def _detections_by_row(reports: list, rows: int) -> dict[int, list[dict]]:
+    """Group the detections of the guard's call reports by batch row; whole-batch ones go to every row."""
+    by_row: dict[int, list[dict]] = {row: [] for row in range(rows)}
+    for report in reports:
+        for detection in report.detections:
+            record = _jsonable(_to_dict(detection))
+            record.pop("time", None)
+            targets = range(rows) if detection.row is None else [int(detection.row)]
+            for row in targets:
+                if row in by_row:
+                    by_row[row].append(record)
+    return by_row
+
+
+def _score(task, example, text: str) -> float:
+    return float(task.score(example, text))
+
+
+def run_unit(context: CampaignContext, unit: WorkUnit, arm: str) -> list[dict[str, Any]]:
+    """Run one batch of ``unit`` under ``arm`` and return its reference and trial records."""
+    config = context.config
+    prepared = context.inputs[unit.input_index]
+    faults = [None] + [
+        context.planner.for_row(trial, prepared.prompt_length, row)
+        for row, trial in enumerate(unit.trial_ids, start=1)
+    ]
+    with ProtectedArm(context.model, arm, config.mitigation_options) as protected:
+        protected.reset_report()
+        batch = run_batch(context.model, context.tokenizer, prepared.prompt_ids, faults, context.max_new_tokens)
+        reports = protected.call_reports()
+    detections = _detections_by_row(reports, len(faults))
+    extra_passes = sum(int(getattr(report, "extra_forward_passes", 0)) for report in reports)
+    extra_memory = max([int(getattr(report, "extra_memory_bytes", 0)) for report in reports] or [0])
+
+    reference_row = batch.rows[0]
+    reference_score = _row_score(context, prepared, reference_row)
+    records: list[dict[str, Any]] = [
+        {
+            "kind": "reference",
+            "arm": arm,
+            "unit": unit.index,
+            "input": unit.input_index,
+            "input_id": prepared.input_id,
+            "tokens": reference_row.tokens,
+            "text": reference_row.text,
+            "score": reference_score,
+            "nonfinite": reference_row.nonfinite,
+            "error": reference_row.error,
+            "detections": detections[0],
+            "rows": len(faults),
+            "seconds": batch.seconds,
+            "forward_passes": batch.forward_passes,
+            "extra_forward_passes": extra_passes,
+            "extra_memory_bytes": extra_memory,
+        }
+    ]
+    for row, trial in enumerate(unit.trial_ids, start=1):
+        result = batch.rows[row]
+        score = _row_score(context, prepared, result)
+        outcome = classify(reference_row, result, reference_score, score, detections[row])
+        records.append(
+            {
+                "kind": "trial",
+                "arm": arm,
+                "trial": trial,
+                "unit": unit.index,
+                "input": unit.input_index,
+                "input_id": prepared.input_id,
+                "row": row,
+                "fault": context.planner.fault_dict(trial, prepared.prompt_length) | {"row": row},
+                "fired": result.fired,
+                "tokens": result.tokens,
+                "text": result.text,
+                "score": score,
+                "golden_score": reference_score,
+                "nonfinite": result.nonfinite,
+                "error": result.error,
+                "detections": detections[row],
+                "outcome": outcome,
+            }
+        )
+    return records
+
+
+def _row_score(context: CampaignContext, prepared: PreparedInput, row: RowResult) -> float:
+    if row.error is not None or row.nonfinite:
+        return 0.0
+    return _score(context.task, prepared.example, row.text)
+
+
+def classify(reference: RowResult, trial: RowResult, reference_score: float, score: float, detections: list[dict]) -> str:
+    """Return the outcome class of a trial against the fault-free reference row of its batch."""
+    from evals.outcomes import classify_trial
+
+    crashed = trial.error is not None or trial.nonfinite
+    outcome = classify_trial(
+        golden_tokens=reference.tokens,
+        golden_score=reference_score,
+        tokens=None if crashed else trial.tokens,
+        score=None if crashed else score,
+        detected=bool(detections),
+        crashed=crashed,
+    )
+    return str(getattr(outcome, "value", outcome))
+
+
+# ----- orchestration ----------------------------------------------------------------------
+
+
+@dataclass
+class Distributed:
+    """This process's place in a run split over several processes."""
+
+    rank: int = 0
+    world_size: int = 1
+    state: Any = None
+
+    def barrier(self) -> None:
+        if self.state is not None and self.world_size > 1:
+            self.state.wait_for_everyone()
+
+
+def detect_distributed(device: str) -> Distributed:
+    """Join the process group when launched by torchrun or ``accelerate launch``; else run alone."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Distributed()
+    from accelerate import PartialState
+
+    state = PartialState(cpu=str(device) == "cpu")
+    return Distributed(state.process_index, state.num_processes, state)
+
+
+@dataclass
+class CampaignResult:
+    """Where the results went and what they hold (records and summary only on rank 0)."""
+
+    folder: Path
+    records: list[dict[str, Any]]
+    summary: dict[str, Any] | None
+    trials_run: int
+    trials_skipped: int
+
+
+def resolve_task(config: CampaignConfig):
+    from evals.tasks import get_task
+
+    return get_task(config.task, **dict(config.task_options))
+
+
+def run_campaign(
+    config: CampaignConfig,
+    *,
+    kind: str = "campaign",
+    model=None,
+    tokenizer=None,
+    task=None,
+    distributed: Distributed | None = None,
+    render: bool = True,
+) -> CampaignResult:
+    """Run (or resume) every trial of ``config`` and write the result folder.
+
+    ``model``/``tokenizer``/``task`` may be passed in (tests, notebooks); otherwise they are
+    loaded from the config. With several processes each runs its share of the batches into
+    its own shard file; rank 0 merges the shards and writes the summary and plots.
+    """
+    from evals import report
+
+    dist = distributed or detect_distributed(config.device)
+    check_mitigation_names(config.mitigation_names())
+    if task is None:
+        task = resolve_task(config)
+    store = ResultStore(config.output_dir, dist.rank, dist.world_size)
+    if dist.rank == 0:
+        store.open(config, kind, provenance.collect(config.device))
+    dist.barrier()
+    if dist.rank != 0:
+        store.open(config, kind)
+
+    if model is None or tokenizer is None:
+        from evals.models import load_model
+
+        device = config.device
+        if dist.world_size > 1 and str(device).startswith("cuda") and dist.state is not None:
+            device = str(dist.state.device)
+        model, tokenizer = load_model(config.model, dtype=config.dtype, device=device)
+
+    context = _build_context(config, model, tokenizer, task)
+    units = plan_units(len(context.inputs), config.trials, config.trials_per_batch)
+    mine = shard_units(units, dist.rank, dist.world_size)
+    done = store.done_keys()
+    store.prepare_append()
+
+    run = skipped = 0
+    progress = _progress(mine, config, dist)
+    try:
+        for unit in progress:
+            for arm in config.arms:
+                keys = _unit_keys(unit, arm)
+                if keys <= done:
+                    skipped += len(unit.trial_ids)
+                    continue
+                records = run_unit(context, unit, arm)
+                fresh = [record for record in records if record_key(record) not in done]
+                store.append(fresh)
+                run += sum(1 for record in fresh if record["kind"] == "trial")
+    finally:
+        if hasattr(progress, "close"):
+            progress.close()
+    logger.info("rank %d ran %d trials and skipped %d already recorded", dist.rank, run, skipped)
+
+    dist.barrier()
+    if dist.rank != 0:
+        return CampaignResult(store.folder, [], None, run, skipped)
+    records = store.merge(order=config.arms)
+    summary = report.summarize(records, config)
+    if render:
+        report.write_outputs(store.folder, summary, records)
+    return CampaignResult(store.folder, records, summary, run, skipped)
+
+
+def _unit_keys(unit: WorkUnit, arm: str) -> set[str]:
+    keys = {record_key({"kind": "reference", "arm": arm, "unit": unit.index})}
+    keys.update(record_key({"kind": "trial", "arm": arm, "trial": trial}) for trial in unit.trial_ids)
+    return keys
+
+
+def _build_context(config: CampaignConfig, model, tokenizer, task) -> CampaignContext:
+    max_new_tokens = config.max_new_tokens or int(getattr(task, "default_max_new_tokens", 32))
+    inputs = prepare_inputs(task, tokenizer, config.limit, config.n_shots)
+    planner = FaultPlanner(model, config.fault, config.seed, max_new_tokens)
+    return CampaignContext(config, model, tokenizer, task, inputs, max_new_tokens, planner)
+
+
+def _progress(units: list[WorkUnit], config: CampaignConfig, dist: Distributed):
+    if not config.progress:
+        return units
+    from tqdm.auto import tqdm
+
+    label = "batches" if dist.world_size == 1 else f"batches (rank {dist.rank})"
+    return tqdm(units, desc=label, unit="batch", position=dist.rank, leave=True)
