@@ -428,12 +428,13 @@ class FaultPlanner:
         return dict(self._resolved[trial])
 
     def for_row(self, trial: int, prompt_length: int, row: int):
-        """Return the trial's fault as a Fault object aimed at batch row ``row``."""
+        """Return the trial's fault as a Fault object aimed at batch row ``row`` (weight faults have no row)."""
         from injectors import Fault
 
-        data = self.fault_dict(trial, prompt_length)
-        data["row"] = row
-        return Fault.from_dict(data)
+        fault = Fault.from_dict(self.fault_dict(trial, prompt_length))
+        if fault.kind == "weight":
+            return fault
+        return fault.with_row(row)
 
 
 # ----- running ----------------------------------------------------------------------------
@@ -452,14 +453,22 @@ class CampaignContext:
     planner: FaultPlanner
 
 
-def _detections_by_row(reports: list, rows: int) -> dict[int, list[dict]]:
-    """Group the detections of the guard's call reports by batch row; whole-batch ones go to every row."""
+def _detections_by_row(reports: list, rows: int, one_call_per_row: bool = False) -> dict[int, list[dict]]:
+    """Group the detections of the guard's call reports by batch row; whole-batch ones go to every row.
+
+    With ``one_call_per_row`` each row ran as its own ``generate`` call, so call i is row i.
+    """
     by_row: dict[int, list[dict]] = {row: [] for row in range(rows)}
-    for report in reports:
+    for index, report in enumerate(reports):
         for detection in report.detections:
             record = _jsonable(_to_dict(detection))
             record.pop("time", None)
-            targets = range(rows) if detection.row is None else [int(detection.row)]
+            if one_call_per_row:
+                targets = [index]
+            elif detection.row is None:
+                targets = range(rows)
+            else:
+                targets = [int(detection.row)]
             for row in targets:
                 if row in by_row:
                     by_row[row].append(record)
@@ -480,9 +489,12 @@ def run_unit(context: CampaignContext, unit: WorkUnit, arm: str) -> list[dict[st
     ]
     with ProtectedArm(context.model, arm, config.mitigation_options) as protected:
         protected.reset_report()
-        batch = run_batch(context.model, context.tokenizer, prepared.prompt_ids, faults, context.max_new_tokens)
+        if config.weight_faults:
+            batch = _run_rows_alone(context, prepared, faults)
+        else:
+            batch = run_batch(context.model, context.tokenizer, prepared.prompt_ids, faults, context.max_new_tokens)
         reports = protected.call_reports()
-    detections = _detections_by_row(reports, len(faults))
+    detections = _detections_by_row(reports, len(faults), one_call_per_row=config.weight_faults)
     extra_passes = sum(int(getattr(report, "extra_forward_passes", 0)) for report in reports)
     extra_memory = max([int(getattr(report, "extra_memory_bytes", 0)) for report in reports] or [0])
 
@@ -534,6 +546,17 @@ def run_unit(context: CampaignContext, unit: WorkUnit, arm: str) -> list[dict[st
             }
         )
     return records
+
+
+def _run_rows_alone(context: CampaignContext, prepared: PreparedInput, faults: list) -> BatchResult:
+    """Run each row in its own batch of one: a weight fault would otherwise hit every row."""
+    rows, seconds, passes = [], 0.0, 0
+    for fault in faults:
+        single = run_batch(context.model, context.tokenizer, prepared.prompt_ids, [fault], context.max_new_tokens)
+        rows.append(single.rows[0])
+        seconds += single.seconds
+        passes += single.forward_passes
+    return BatchResult(rows, seconds, passes)
 
 
 def _row_score(context: CampaignContext, prepared: PreparedInput, row: RowResult) -> float:

@@ -25,6 +25,13 @@ NO_MITIGATION = "none"
 ALL_FOUR = "all"
 ALL_FOUR_MITIGATIONS = ("mixed_precision", "abft", "dual_first_token", "dynamic_shots")
 ARM_SEPARATOR = "+"
+# One random exponent bit in the output of a random down projection at the first token: the
+# stage and the dimension-reducing layer that propagate errors the most.
+DEFAULT_FAULT = {
+    "site": {"role": "down_proj"},
+    "time": {"stage": "first_token"},
+    "corruption": {"field": "exponent"},
+}
 DTYPE_CHOICES = ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
 
 # Fields that do not change any trial result: they stay out of the fingerprint, so a run can
@@ -68,7 +75,7 @@ class CampaignConfig:
     task: str = "arithmetic"
     task_options: dict = field(default_factory=dict)
     n_shots: int | None = None
-    fault: dict = field(default_factory=lambda: {"stage": "first_token", "bit": "exponent_msb"})
+    fault: dict = field(default_factory=lambda: dict(DEFAULT_FAULT))
     trials: int = 64
     limit: int = 8
     seed: int = 0
@@ -88,7 +95,10 @@ class CampaignConfig:
         _require_mapping("fault", self.fault)
         _require_mapping("mitigation_options", self.mitigation_options)
         if not self.fault:
-            raise ConfigError("fault={} is empty. Give at least a stage, e.g. {'stage': 'first_token'}.")
+            raise ConfigError(
+                "fault={} is empty. Give a site, time and corruption, e.g. "
+                "{'site': {'role': 'down_proj'}, 'time': {'stage': 'first_token'}}."
+            )
         _require_int("trials", self.trials, minimum=1)
         _require_int("limit", self.limit, minimum=1)
         _require_int("seed", self.seed, minimum=0)
@@ -112,6 +122,8 @@ class CampaignConfig:
         if len(set(labels)) != len(labels):
             raise ConfigError(f"arms={list(self.arms)!r} lists an arm twice. List each arm once.")
         self.arms = labels
+        if self.weight_faults:
+            logger.debug("weight faults are shared by every batch row, so each trial runs alone")
         for name in self.mitigation_options:
             if not isinstance(self.mitigation_options[name], Mapping):
                 raise ConfigError(
@@ -122,8 +134,15 @@ class CampaignConfig:
     # ----- derived views ----------------------------------------------------------------
 
     @property
+    def weight_faults(self) -> bool:
+        """Whether the faults hit weights, which every row of a batch shares."""
+        site = self.fault.get("site") if isinstance(self.fault, Mapping) else None
+        return isinstance(site, Mapping) and site.get("kind") == "weight"
+
+    @property
     def trials_per_batch(self) -> int:
-        return self.batch_size - 1
+        # A weight fault corrupts every row, so such a trial cannot share a batch.
+        return 1 if self.weight_faults else self.batch_size - 1
 
     def mitigation_names(self) -> list[str]:
         """Return every mitigation name used by any arm, each once, in first-use order."""
