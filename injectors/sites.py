@@ -2,8 +2,8 @@
 
 A *role* names what a module computes (``q_proj``, ``down_proj``, ``router`` ...) so that one
 fault description works across architectures. Known families map roles by module-name globs;
-an unknown architecture uses the union of those globs and logs one warning that lists its
-linear modules, so the caller can pick sites by ``module`` glob instead.
+an unknown architecture uses the union of those globs, gives its other linear modules the
+role ``linear`` and logs one warning that lists them, so callers can select by ``module`` glob.
 
 Output shapes come from one probe forward of two tokens, recorded with temporary hooks.
 """
@@ -44,6 +44,7 @@ ROLES = (
     "expert",
     "shared_expert",
     "kv_cache",
+    "linear",
 )
 
 # Ordered (glob on the full module name, role) pairs; the first match wins.
@@ -185,8 +186,10 @@ def _is_linear(module: nn.Module) -> bool:
 def role_of(name: str, table: Sequence[tuple[str, str]]) -> str | None:
     if any(fnmatch.fnmatchcase(name, pattern) for pattern in _EXCLUDED):
         return None
+    # The leading dot lets "*.embed_tokens" also match a top-level "embed_tokens".
+    dotted = "." + name
     for pattern, role in table:
-        if fnmatch.fnmatchcase(name, pattern):
+        if fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(dotted, pattern):
             return role
     return None
 
@@ -275,6 +278,9 @@ def list_sites(model: nn.Module) -> list[Site]:
         if not name:
             continue
         role = role_of(name, table)
+        if role is None and table is _FALLBACK_ROLES and _is_linear(module):
+            # Without a role table, every linear layer stays reachable by module glob.
+            role = "linear"
         if role is not None:
             roles[name] = role
 
