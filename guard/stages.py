@@ -105,6 +105,7 @@ class StageTracker:
         # Passes enclosing the current one (a redundant recomputation runs inside a pass).
         self._stack: list[ForwardInfo | None] = []
         self._last: ForwardInfo | None = None
+        self._finished: ForwardInfo | None = None
         self._start_listeners: list[ForwardListener] = []
         self._end_listeners: list[ForwardListener] = []
 
@@ -182,6 +183,15 @@ class StageTracker:
         """The most recent forward pass (running or finished)."""
         return self._last
 
+    @property
+    def finished(self) -> ForwardInfo | None:
+        """The pass that ended most recently.
+
+        Forward hooks that run after the tracker's own (registered later, without prepend)
+        read this, because :attr:`current` has already moved back to the enclosing pass.
+        """
+        return self._finished
+
     def start_sequence(self, first_index: int = 0) -> None:
         """Make the next forward count as pass ``first_index`` of a sequence.
 
@@ -241,6 +251,7 @@ class StageTracker:
 
     def _after_forward(self, module: nn.Module, args: tuple, output: object) -> None:
         info = self._current
+        self._finished = info
         try:
             if info is not None:
                 for listener in list(self._end_listeners):

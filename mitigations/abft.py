@@ -1,0 +1,429 @@
+"""ABFT: algorithm-based fault tolerance with checksums on selected linear layers.
+
+For a linear layer ``y = x @ W.T + b`` (``W`` is ``[out, in]``) the sum of each output row
+obeys ``sum_j y_j = x @ w_c + sum_j b_j`` with the column checksum ``w_c = W.sum(0)``
+(``[in]``), precomputed once. A forward hook checks this identity for every output row
+(one row per batch row and position) in float64, so the check itself adds no rounding that
+matters, also for bf16 and fp16 models. A row whose difference exceeds the rounding
+tolerance, or that holds NaN/Inf, is a detection and is corrected by recomputing the layer.
+
+Tolerance. The computed ``y_j`` differs from the exact value by at most
+``gamma_n * (|x| @ |W_j|) + u_out * |y_j|`` (``gamma_n = n u / (1 - n u)`` with ``n`` the
+reduction length and ``u`` the unit roundoff of the accumulation; ``u_out`` the unit roundoff
+of the output format, because the result is rounded once on store). Summed over ``j`` this
+gives ``gamma_n * (|x| @ |W|_c) + u_out * sum_j |y_j|`` with ``|W|_c = |W|.sum(0)``, a
+worst-case bound, scaled by ``tolerance_scale``. Accumulation is assumed in float32 or wider,
+which holds for CPU and for cuBLAS defaults with bf16/fp16 inputs; ``accumulation="format"``
+assumes accumulation in the tensor's own format instead.
+
+Weights in memory. Exact int64 sums of the weights' bit patterns per row and per column
+locate a corrupted element (its row and column sums differ by the same amount) and restore
+it byte for byte. Selected weights are scrubbed at the start of every protected ``generate``
+and whenever recomputation does not clear a mismatch.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from guard.errors import ConfigError, unknown_choice
+from guard.report import Detection
+from mitigations.base import InstallHandle, Mitigation, MitigationConfig, register
+from mitigations.selection import (
+    LinearSite,
+    normalize_layers,
+    normalize_roles,
+    normalize_stages,
+    select_linear,
+)
+
+logger = logging.getLogger(__name__)
+
+CORRECTIONS = ("recompute", "locate", "none")
+SCRUB_MODES = ("generate", "never")
+ACCUMULATIONS = ("float32", "format")
+_INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """Return ``u = eps / 2`` of a floating-point format."""
+    return torch.finfo(dtype).eps / 2
+
+
+@dataclass
+class ABFTConfig(MitigationConfig):
+    """Which layers ABFT checks and what it does on a mismatch.
+
+    ``roles``: role names (``o_proj``, ``down_proj``, ``q_proj``, ``lm_head``...) or
+    ``"all_linear"``. ``layers``: ``"all"`` or block indices (layers outside the blocks, such as
+    ``lm_head``, match only ``"all"``). ``modules``: optional globs on module names.
+    ``stages``: stages whose positions are checked. ``correction``: ``"recompute"`` reruns the
+    layer and takes the mismatching rows, ``"locate"`` finds a single corrupted element with a
+    second, index-weighted checksum and fixes it in place (falling back to recomputation),
+    ``"none"`` only reports. ``scrub``: when to verify the weights' bit checksums.
+    """
+
+    roles: Any = ("o_proj", "down_proj")
+    layers: Any = "all"
+    modules: Any = ()
+    stages: Any = "all"
+    correction: str = "recompute"
+    scrub: str = "generate"
+    tolerance_scale: float = 2.0
+    accumulation: str = "float32"
+
+    def __post_init__(self) -> None:
+        self.roles = normalize_roles("abft.roles", self.roles)
+        self.layers = normalize_layers("abft.layers", self.layers)
+        if isinstance(self.modules, str):
+            self.modules = (self.modules,)
+        self.modules = tuple(self.modules)
+        self.stages = normalize_stages("abft.stages", self.stages)
+        if self.correction not in CORRECTIONS:
+            raise ConfigError(unknown_choice("abft.correction", self.correction, CORRECTIONS))
+        if self.scrub not in SCRUB_MODES:
+            raise ConfigError(unknown_choice("abft.scrub", self.scrub, SCRUB_MODES))
+        if self.accumulation not in ACCUMULATIONS:
+            raise ConfigError(unknown_choice("abft.accumulation", self.accumulation, ACCUMULATIONS))
+        scale = self.tolerance_scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale >= 1.0:
+            raise ConfigError(
+                f"abft.tolerance_scale={scale!r} is not valid; use a number >= 1 "
+                "(1 is the bare rounding bound, larger values loosen it)."
+            )
+
+
+class _CheckedLayer:
+    """Precomputed checksums of one linear layer and its check hook."""
+
+    def __init__(self, site: LinearSite, config: ABFTConfig, mitigation: "ABFT"):
+        self.site = site
+        self.config = config
+        self.mitigation = mitigation
+        weight = site.weight.detach()
+        if not weight.is_floating_point():
+            raise ConfigError(
+                f"abft: {site.name} has a {weight.dtype} weight; ABFT checks floating-point "
+                "layers only, so leave quantized layers out of the selection."
+            )
+        # Work on W as [out, in] whatever the storage layout (Conv1D stores [in, out]).
+        w64 = weight.double().t() if site.transposed else weight.double()
+        self.in_features = w64.shape[1]
+        self.column_checksum = w64.sum(0)  # [in]
+        self.abs_column_checksum = w64.abs().sum(0)  # [in]
+        self.weighted_checksum = None
+        if config.correction == "locate":
+            index = torch.arange(1, w64.shape[0] + 1, dtype=torch.float64, device=w64.device)
+            self.weighted_checksum = index @ w64  # [in]: sum_j (j+1) W_j
+        bias = site.bias
+        self.bias_sum = float(bias.detach().double().sum()) if bias is not None else 0.0
+        self.bias_abs_sum = float(bias.detach().double().abs().sum()) if bias is not None else 0.0
+        self.bias_weighted = 0.0
+        if bias is not None and config.correction == "locate":
+            index = torch.arange(1, bias.numel() + 1, dtype=torch.float64, device=bias.device)
+            self.bias_weighted = float(index @ bias.detach().double())
+        del w64
+        self.weight_dtype = weight.dtype
+        self.row_bits, self.column_bits = _bit_sums(weight)
+        self.bias_copy = bias.detach().clone() if bias is not None else None
+        self.checks = 0
+
+    # ----- computation check ------------------------------------------------------------
+
+    def tolerance(self, x64_abs: torch.Tensor, y_abs_sum: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        u_out = unit_roundoff(dtype)
+        u_acc = u_out
+        if self.config.accumulation == "float32":
+            u_acc = min(unit_roundoff(torch.float32), u_out)
+        n = self.in_features + 1  # + 1 for the bias addition
+        gamma = n * u_acc / (1 - n * u_acc)
+        bound = gamma * (x64_abs @ self.abs_column_checksum + self.bias_abs_sum) + u_out * y_abs_sum
+        # The float64 reference itself carries a relative error of about n * 2**-53.
+        return self.config.tolerance_scale * bound + 1e-300
+
+    def mismatching_rows(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (indices of rows failing the check, their checksum differences)."""
+        x64 = x.reshape(-1, x.shape[-1]).double()
+        y64 = y.reshape(-1, y.shape[-1]).double()
+        reference = x64 @ self.column_checksum + self.bias_sum
+        difference = (y64.sum(-1) - reference).abs()
+        tolerance = self.tolerance(x64.abs(), y64.abs().sum(-1), y.dtype)
+        # NaN compares false, so a non-finite row always fails.
+        bad = ~(difference <= tolerance)
+        return torch.nonzero(bad, as_tuple=False).flatten(), difference[bad]
+
+    def hook(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        context = self.mitigation._context
+        if context is None or not args or not torch.is_tensor(output):
+            return None
+        info = context.forward
+        if info is not None:
+            stages = self.config.stages
+            if info.index > 0 and "decode" not in stages:
+                return None
+            if info.index == 0 and not stages & {"prefill", "first_token"}:
+                return None
+        x = args[0]
+        with context.timed(), torch.no_grad():
+            self.checks += 1
+            rows, differences = self.mismatching_rows(x, output)
+            if rows.numel() == 0:
+                return None
+            rows, differences = self._select_stages(rows, differences, x, info)
+            if rows.numel() == 0:
+                return None
+            return self._handle_mismatch(x, output, rows, differences, info)
+
+    def _select_stages(self, rows, differences, x, info):
+        if info is None or x.dim() != 3 or len(self.config.stages) == 3:
+            return rows, differences
+        seq_len = x.shape[1]
+        keep = torch.tensor(
+            [str(info.stage_of(int(r) % seq_len)) in self.config.stages for r in rows.tolist()],
+            dtype=torch.bool,
+        )
+        return rows[keep], differences[keep]
+
+    def _handle_mismatch(self, x, output, rows, differences, info) -> torch.Tensor | None:
+        correction = self.config.correction
+        out_features = output.shape[-1]
+        corrected = output.detach().clone()
+        flat = corrected.view(-1, out_features)
+        action = "none"
+        remaining = rows
+        if correction == "locate":
+            remaining = self._locate_and_fix(x, flat, rows)
+            action = "corrected"
+        if correction != "none" and remaining.numel():
+            recomputed = self._recompute(x).reshape(-1, out_features)
+            flat[remaining] = recomputed[remaining]
+            still_bad, _ = self.mismatching_rows(x.reshape(-1, x.shape[-1])[remaining], flat[remaining])
+            action = "recomputed"
+            if still_bad.numel():
+                # The layer reproduces the mismatch, so its parameters changed in memory.
+                restored = self.scrub(info)
+                recomputed = self._recompute(x).reshape(-1, out_features)
+                flat[remaining] = recomputed[remaining]
+                still_bad, _ = self.mismatching_rows(
+                    x.reshape(-1, x.shape[-1])[remaining], flat[remaining]
+                )
+                action = "restored" if restored and not still_bad.numel() else "none"
+        self._record(rows, differences, x, info, action)
+        return corrected if correction != "none" else None
+
+    def _recompute(self, x: torch.Tensor) -> torch.Tensor:
+        # The whole layer is recomputed (not just the failing rows) so fault-free rows come out
+        # bit-identical to the original product, whose blocking depends on the batch shape.
+        weight = self.site.weight
+        if self.site.transposed:
+            # Conv1D computes addmm(bias, x, W) with W [in, out].
+            x2 = x.reshape(-1, x.shape[-1])
+            out = x2 @ weight if self.site.bias is None else torch.addmm(self.site.bias, x2, weight)
+            return out.reshape(*x.shape[:-1], weight.shape[1])
+        return F.linear(x, weight, self.site.bias)
+
+    def _locate_and_fix(self, x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Fix single corrupted elements in place; return the rows that still fail."""
+        x64 = x.reshape(-1, x.shape[-1])[rows].double()
+        y64 = flat[rows].double()
+        reference = x64 @ self.column_checksum + self.bias_sum
+        weighted_reference = x64 @ self.weighted_checksum + self.bias_weighted
+        index = torch.arange(1, flat.shape[-1] + 1, dtype=torch.float64, device=flat.device)
+        failed = []
+        for k, row in enumerate(rows.tolist()):
+            values = y64[k]
+            if not torch.isfinite(values).all():
+                bad = torch.nonzero(~torch.isfinite(values)).flatten()
+                if bad.numel() != 1:
+                    failed.append(row)
+                    continue
+                column = int(bad[0])
+                others = values.clone()
+                others[column] = 0
+                flat[row, column] = (reference[k] - others.sum()).to(flat.dtype)
+            else:
+                delta = values.sum() - reference[k]
+                weighted_delta = values @ index - weighted_reference[k]
+                position = float(weighted_delta / delta) if delta != 0 else float("nan")
+                column = round(position) - 1
+                if not (0 <= column < flat.shape[-1]) or abs(position - round(position)) > 0.01:
+                    failed.append(row)
+                    continue
+                flat[row, column] = (values[column] - delta).to(flat.dtype)
+        candidates = rows[torch.isin(rows, torch.tensor(failed, dtype=rows.dtype))] if failed else rows[:0]
+        fixed = rows[~torch.isin(rows, candidates)]
+        if fixed.numel():
+            still_bad, _ = self.mismatching_rows(x.reshape(-1, x.shape[-1])[fixed], flat[fixed])
+            candidates = torch.cat([candidates, fixed[still_bad]])
+        return candidates
+
+    def _record(self, rows, differences, x, info, action) -> None:
+        context = self.mitigation._context
+        seq_len = x.shape[1] if x.dim() == 3 else None
+        by_row: dict[tuple[int | None, str | None], list[float]] = {}
+        for flat_row, difference in zip(rows.tolist(), differences.tolist()):
+            batch_row = flat_row // seq_len if seq_len else None
+            stage = None
+            if info is not None:
+                stage = str(info.stage_of(flat_row % seq_len)) if seq_len else ("decode" if info.index > 0 else None)
+            by_row.setdefault((batch_row, stage), []).append(difference)
+        for (batch_row, stage), diffs in by_row.items():
+            nonfinite = any(d != d or d == float("inf") for d in diffs)
+            context.record(
+                Detection(
+                    mitigation=self.mitigation.name,
+                    check="nonfinite_output" if nonfinite else "output_checksum",
+                    action=action,
+                    layer=self.site.layer,
+                    module=self.site.name,
+                    stage=stage,
+                    step=info.index if info is not None else None,
+                    row=batch_row,
+                    detail=f"{len(diffs)} position(s), max checksum difference {max(diffs):.3g}",
+                )
+            )
+
+    # ----- weight memory --------------------------------------------------------------
+
+    def scrub(self, info=None) -> bool:
+        """Verify the weight and bias bits; restore what changed. Return True if anything was restored."""
+        weight = self.site.weight.detach()
+        rows_now = _words(weight).sum(1)
+        bad_rows = torch.nonzero(rows_now != self.row_bits).flatten()
+        restored = False
+        if bad_rows.numel():
+            restored = self._restore_weight(weight, rows_now, bad_rows, info)
+        bias = self.site.bias
+        if bias is not None and not torch.equal(_bits(bias.detach()), _bits(self.bias_copy)):
+            changed = torch.nonzero(_bits(bias.detach()) != _bits(self.bias_copy)).flatten()
+            bias.data.copy_(self.bias_copy)
+            restored = True
+            self._record_weight(info, "restored", f"bias element(s) {changed.tolist()[:8]} restored")
+        return restored
+
+    def _restore_weight(self, weight, rows_now, bad_rows, info) -> bool:
+        words = _words(weight)
+        columns_now = words.sum(0)
+        bad_columns = torch.nonzero(columns_now != self.column_bits).flatten()
+        # Differences wrap modulo 2**64 like the sums, so subtracting them is exact.
+        row_delta = (rows_now - self.row_bits)[bad_rows]
+        column_delta = (columns_now - self.column_bits)[bad_columns]
+        fixes: list[tuple[int, int, torch.Tensor]] = []  # (row, word column, delta)
+        if bad_rows.numel() == 1:
+            fixes = [(int(bad_rows[0]), int(c), d) for c, d in zip(bad_columns, column_delta)]
+        elif bad_columns.numel() == 1:
+            fixes = [(int(r), int(bad_columns[0]), d) for r, d in zip(bad_rows, row_delta)]
+        elif bad_rows.numel() == bad_columns.numel():
+            used: set[int] = set()
+            for r, d in zip(bad_rows.tolist(), row_delta):
+                matches = [k for k, cd in enumerate(column_delta) if bool(cd == d) and k not in used]
+                if len(matches) != 1:
+                    fixes = []
+                    break
+                used.add(matches[0])
+                fixes.append((r, int(bad_columns[matches[0]]), d))
+        if not fixes:
+            self._record_weight(
+                info, "none",
+                f"{bad_rows.numel()} row(s) and {bad_columns.numel()} column(s) of bit checksums "
+                "differ and cannot be matched to single elements",
+            )
+            return False
+        for row, column, delta in fixes:
+            words[row, column] -= delta
+        if words.data_ptr() != weight.data_ptr():
+            _bits(weight).copy_(words.to(_bits(weight).dtype))
+        if not torch.equal(words.sum(1), self.row_bits) or not torch.equal(words.sum(0), self.column_bits):
+            self._record_weight(info, "none", "restoring the located elements did not restore the checksums")
+            return False
+        per_word = words.shape[1] and weight.shape[-1] // words.shape[1]
+        where = [(r, c * per_word) for r, c, _ in fixes][:8]
+        self._record_weight(
+            info, "restored",
+            f"{len(fixes)} corrupted word(s) of {per_word} element(s) restored, starting at {where}",
+        )
+        return True
+
+    def _record_weight(self, info, action: str, detail: str) -> None:
+        context = self.mitigation._context
+        if context is None:
+            return
+        context.record(
+            Detection(
+                mitigation=self.mitigation.name,
+                check="weight_checksum",
+                action=action,
+                layer=self.site.layer,
+                module=self.site.name,
+                stage=None,
+                step=info.index if info is not None else None,
+                row=None,
+                detail=detail,
+            )
+        )
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    """View a floating-point tensor as signed integers of the same width (shares storage)."""
+    return tensor.view(_INT_VIEW[tensor.element_size()])
+
+
+def _words(weight: torch.Tensor) -> torch.Tensor:
+    """View a 2-D weight's bits as int64 words ``[rows, words]`` sharing its storage.
+
+    Summing int64 is about 200 times faster on CPU than widening int16/int32 element bits,
+    and a word sum (wrapping modulo 2**64) still changes when any bit of any element does.
+    Falls back to one integer per element when a row's bytes are not a multiple of 8.
+    """
+    if weight.dim() == 2 and weight.is_contiguous() and (weight.shape[1] * weight.element_size()) % 8 == 0:
+        return weight.view(torch.int64)
+    return _bits(weight).to(torch.int64)  # a copy: _restore_weight writes it back
+
+
+def _bit_sums(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    words = _words(weight)
+    return words.sum(1), words.sum(0)
+
+
+@register
+class ABFT(Mitigation):
+    """Checksum-verified linear layers, with correction and weight scrubbing."""
+
+    name = "abft"
+    order = 10
+    Config = ABFTConfig
+
+    def _install(self, model: nn.Module, context, handle: InstallHandle) -> None:
+        sites = select_linear(model, self.config.roles, self.config.layers, self.config.modules, owner="abft")
+        self.layers = [_CheckedLayer(site, self.config, self) for site in sites]
+        for layer in self.layers:
+            # No prepend: the check must see the output after any fault-injecting hook.
+            handle.add_hook(layer.site.module.register_forward_hook(layer.hook))
+        handle.add_cleanup(self._forget)
+        logger.info("abft checks %d linear layers", len(self.layers))
+
+    def _forget(self) -> None:
+        self.layers = []
+
+    @property
+    def checked_modules(self) -> list[str]:
+        return [layer.site.name for layer in getattr(self, "layers", [])]
+
+    def scrub(self) -> int:
+        """Verify every checked layer's weights; return how many layers were restored."""
+        context = self._context
+        restored = 0
+        with torch.no_grad():
+            for layer in getattr(self, "layers", []):
+                restored += bool(layer.scrub(context.forward if context else None))
+        return restored
+
+    def before_generate(self, context, args: tuple, kwargs: dict) -> None:
+        if self.config.scrub == "generate":
+            self.scrub()

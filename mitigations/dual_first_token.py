@@ -1,0 +1,230 @@
+"""Dual first-token: compute the prompt pass twice and vote when the runs disagree.
+
+Prefill and the first generated token are the most error-sensitive stages, and both happen
+in forward 0 of ``generate``. After that pass, a hook on the top-level model reruns it
+inside ``tracker.redundant()`` with a fresh KV cache and compares, per batch row, the first
+token (argmax of the last logits), the logits and a KV-cache checksum. Rows that differ get a
+third run and a majority vote; when the primary run is outvoted, its logits and KV-cache
+rows are overwritten in place with the agreeing run's, so ``generate`` decodes from an
+agreeing state and never knows.
+
+A persistent fault (a corrupted weight) corrupts every run alike, so agreement does not
+prove the pass correct: when the runs agree but the logits are non-finite, the detection
+says ``agreed`` instead of claiming a correction.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from guard.errors import ConfigError
+from guard.report import Detection
+from mitigations.base import InstallHandle, Mitigation, MitigationConfig, register
+
+logger = logging.getLogger(__name__)
+
+_CACHE_KEYS = ("cache", "past_key_values")
+
+
+@dataclass
+class DualFirstTokenConfig(MitigationConfig):
+    """How the redundant prompt pass is compared.
+
+    ``logits_atol``: largest absolute logit difference still counted as agreement (0 = exact,
+    right for CPU, where the same pass is bit-reproducible; raise it for nondeterministic GPU
+    kernels). ``compare_kv``: also compare per-row KV-cache checksums. ``vote``: run a third
+    time on disagreement and continue from the majority; with False, disagreement is only
+    reported.
+    """
+
+    logits_atol: float = 0.0
+    compare_kv: bool = True
+    vote: bool = True
+
+    def __post_init__(self) -> None:
+        atol = self.logits_atol
+        if isinstance(atol, bool) or not isinstance(atol, (int, float)) or not atol >= 0:
+            raise ConfigError(
+                f"dual_first_token.logits_atol={atol!r} is not valid; use a number >= 0 "
+                "(0 requires bit-identical logits)."
+            )
+        for field in ("compare_kv", "vote"):
+            if not isinstance(getattr(self, field), bool):
+                raise ConfigError(
+                    f"dual_first_token.{field}={getattr(self, field)!r} must be True or False."
+                )
+
+
+class _Run:
+    """What one prompt pass produced: last-position logits and per-row KV checksums."""
+
+    def __init__(self, logits: torch.Tensor, cache: Any, compare_kv: bool):
+        self.logits = logits  # [batch, vocab] at the last prompt position
+        self.tokens = logits.argmax(-1)
+        self.cache = cache
+        self.kv_checksum = _kv_checksum(cache) if compare_kv else None
+
+
+def _kv_checksum(cache: Any) -> torch.Tensor | None:
+    """Return ``[batch, 2 * layers]`` float64 sums of each row's keys and values."""
+    layers = getattr(cache, "layers", None)
+    if not layers:
+        return None
+    sums = []
+    for layer in layers:
+        keys = getattr(layer, "keys", None)
+        values = getattr(layer, "values", None)
+        if not torch.is_tensor(keys) or keys.dim() < 2:
+            continue
+        sums.append(keys.double().flatten(1).sum(1))
+        sums.append(values.double().flatten(1).sum(1))
+    return torch.stack(sums, dim=1) if sums else None
+
+
+def _cache_bytes(cache: Any) -> int:
+    total = 0
+    for layer in getattr(cache, "layers", []) or []:
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if torch.is_tensor(tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+@register
+class DualFirstToken(Mitigation):
+    """Redundant prompt pass with comparison, third-run vote and in-place recovery."""
+
+    name = "dual_first_token"
+    order = 30
+    Config = DualFirstTokenConfig
+
+    def _install(self, model: nn.Module, context, handle: InstallHandle) -> None:
+        if not hasattr(model, "config"):
+            raise ConfigError(
+                f"dual_first_token needs a transformers model with a config, got {type(model).__name__}."
+            )
+        self._model = model
+        self._warned_cache = False
+        # prepend=True on the top-level module only: the rerun must start while the stage
+        # tracker still holds forward 0 open, so it counts as a recomputation of that pass.
+        # Output-corrupting hooks live on submodules and still run before this one.
+        handle.add_hook(model.register_forward_hook(self._after_prompt, with_kwargs=True, prepend=True))
+        handle.add_cleanup(self._forget)
+
+    def _forget(self) -> None:
+        self._model = None
+
+    def _after_prompt(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        context = self._context
+        if context is None or not context.in_generate:
+            return
+        info = context.forward
+        if info is None or info.index != 0 or info.redundant:
+            return
+        logits = getattr(output, "logits", None)
+        cache_key = next((k for k in _CACHE_KEYS if kwargs.get(k) is not None), None)
+        if logits is None or cache_key is None:
+            return
+        cache = kwargs[cache_key]
+        if type(cache) is not DynamicCache:
+            if not self._warned_cache:
+                logger.warning(
+                    "dual_first_token skips the redundant pass: cache type %s is not a "
+                    "DynamicCache, which is the only type it can duplicate",
+                    type(cache).__name__,
+                )
+                self._warned_cache = True
+            return
+        with context.timed(), torch.no_grad():
+            self._check(module, args, kwargs, cache_key, output, info)
+
+    def _rerun(self, module: nn.Module, args: tuple, kwargs: dict, cache_key: str) -> _Run:
+        fresh = DynamicCache(config=module.config)
+        rerun_kwargs = dict(kwargs)
+        rerun_kwargs[cache_key] = fresh
+        with self._context.redundant():
+            output = module(*args, **rerun_kwargs)
+        return _Run(output.logits[:, -1, :], fresh, self.config.compare_kv)
+
+    def _agree(self, a: _Run, b: _Run) -> torch.Tensor:
+        """Return ``[batch]`` booleans: True where the two runs agree on a row."""
+        same = a.tokens == b.tokens
+        if self.config.logits_atol == 0:
+            logits_same = (a.logits == b.logits) | (torch.isnan(a.logits) & torch.isnan(b.logits))
+            same &= logits_same.all(-1)
+        else:
+            same &= torch.isclose(a.logits, b.logits, rtol=0.0, atol=self.config.logits_atol, equal_nan=True).all(-1)
+        if a.kv_checksum is not None and b.kv_checksum is not None:
+            kv_same = (a.kv_checksum == b.kv_checksum) | (torch.isnan(a.kv_checksum) & torch.isnan(b.kv_checksum))
+            same &= kv_same.all(-1)
+        return same
+
+    def _check(self, module, args, kwargs, cache_key, output, info) -> None:
+        context = self._context
+        primary_cache = kwargs[cache_key]
+        primary = _Run(output.logits[:, -1, :], primary_cache, self.config.compare_kv)
+        second = self._rerun(module, args, kwargs, cache_key)
+        extra_bytes = _cache_bytes(second.cache) + second.logits.numel() * second.logits.element_size()
+        context.note_memory(extra_bytes)
+        agree = self._agree(primary, second)
+        step = info.index
+        if bool(agree.all()):
+            nonfinite = ~torch.isfinite(primary.logits).all(-1)
+            for row in torch.nonzero(nonfinite).flatten().tolist():
+                context.record(Detection(
+                    mitigation=self.name, check="nonfinite_logits", action="agreed",
+                    stage="first_token", step=step, row=row,
+                    detail="both runs agree, so a persistent fault (such as a corrupted weight) "
+                    "would affect each alike; the redundant pass does not protect this row",
+                ))
+            return
+        disagreeing = torch.nonzero(~agree).flatten().tolist()
+        if not self.config.vote:
+            for row in disagreeing:
+                context.record(Detection(
+                    mitigation=self.name, check="first_token_mismatch", action="none",
+                    stage="first_token", step=step, row=row,
+                    detail=self._describe(primary, second, row),
+                ))
+            return
+        third = self._rerun(module, args, kwargs, cache_key)
+        context.note_memory(2 * extra_bytes)
+        primary_third = self._agree(primary, third)
+        second_third = self._agree(second, third)
+        for row in disagreeing:
+            detail = self._describe(primary, second, row)
+            if bool(primary_third[row]):
+                action, detail = "voted", detail + "; the third run agrees with the primary run, which is kept"
+            elif bool(second_third[row]):
+                self._adopt(output, primary_cache, second, row)
+                action, detail = "voted", detail + "; the primary run was outvoted and replaced by the agreeing runs"
+            else:
+                action, detail = "none", detail + "; all three runs differ, the primary run is kept"
+            context.record(Detection(
+                mitigation=self.name, check="first_token_mismatch", action=action,
+                stage="first_token", step=step, row=row, detail=detail,
+            ))
+
+    @staticmethod
+    def _describe(a: _Run, b: _Run, row: int) -> str:
+        token_a, token_b = int(a.tokens[row]), int(b.tokens[row])
+        difference = (a.logits[row].double() - b.logits[row].double()).abs()
+        finite = difference[torch.isfinite(difference)]
+        largest = float(finite.max()) if finite.numel() else float("nan")
+        return f"first tokens {token_a} vs {token_b}, max logit difference {largest:.3g}"
+
+    @staticmethod
+    def _adopt(output: Any, primary_cache: Any, source: _Run, row: int) -> None:
+        """Overwrite row ``row`` of the primary logits and KV cache with ``source``'s."""
+        output.logits[row, -1].copy_(source.logits[row])
+        for target, origin in zip(primary_cache.layers, source.cache.layers):
+            target.keys[row].copy_(origin.keys[row])
+            target.values[row].copy_(origin.values[row])
+        # NOTE: hidden states and attentions in the output, when requested, stay those of the
+        # primary run.
