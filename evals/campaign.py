@@ -493,9 +493,11 @@ def run_unit(context: CampaignContext, unit: WorkUnit, arm: str) -> list[dict[st
             batch = _run_rows_alone(context, prepared, faults)
         else:
             batch = run_batch(context.model, context.tokenizer, prepared.prompt_ids, faults, context.max_new_tokens)
+        first_calls = protected.call_reports()
+        detections = _detections_by_row(first_calls, len(faults), one_call_per_row=config.weight_faults)
+        retries = _retry_with_other_shots(context, prepared, protected, batch, detections)
         reports = protected.call_reports()
-    detections = _detections_by_row(reports, len(faults), one_call_per_row=config.weight_faults)
-    extra_passes = sum(int(getattr(report, "extra_forward_passes", 0)) for report in reports)
+    extra_passes = batch.extra_forward_passes + sum(int(getattr(report, "extra_forward_passes", 0)) for report in reports)
     extra_memory = max([int(getattr(report, "extra_memory_bytes", 0)) for report in reports] or [0])
 
     reference_row = batch.rows[0]
@@ -514,6 +516,7 @@ def run_unit(context: CampaignContext, unit: WorkUnit, arm: str) -> list[dict[st
             "error": reference_row.error,
             "detections": detections[0],
             "rows": len(faults),
+            "shots": retries[0],
             "seconds": batch.seconds,
             "forward_passes": batch.forward_passes,
             "extra_forward_passes": extra_passes,
@@ -533,7 +536,7 @@ def run_unit(context: CampaignContext, unit: WorkUnit, arm: str) -> list[dict[st
                 "input": unit.input_index,
                 "input_id": prepared.input_id,
                 "row": row,
-                "fault": context.planner.fault_dict(trial, prepared.prompt_length) | {"row": row},
+                "fault": _jsonable(faults[row].to_dict()),
                 "fired": result.fired,
                 "tokens": result.tokens,
                 "text": result.text,
@@ -542,10 +545,84 @@ def run_unit(context: CampaignContext, unit: WorkUnit, arm: str) -> list[dict[st
                 "nonfinite": result.nonfinite,
                 "error": result.error,
                 "detections": detections[row],
+                "shots": retries[row],
                 "outcome": outcome,
             }
         )
     return records
+
+
+def _shot_counts(task) -> list[int]:
+    return list(range(int(getattr(task, "max_shots", 0)) + 1))
+
+
+def _next_shots(current: int, counts: list[int]) -> int:
+    """Return the next few-shot count after ``current``: one more if the pool allows, else one fewer."""
+    larger = [count for count in counts if count > current]
+    if larger:
+        return larger[0]
+    smaller = [count for count in counts if count < current]
+    return smaller[-1] if smaller else current
+
+
+def _retry_with_other_shots(
+    context: CampaignContext,
+    prepared: PreparedInput,
+    protected: "ProtectedArm",
+    batch: BatchResult,
+    detections: dict[int, list[dict]],
+) -> dict[int, list[int]]:
+    """Drive dynamic shots at the prompt level: rerun suspicious rows with another shot count.
+
+    A row is suspicious when its answer fails the task's format check, its logits were
+    non-finite or generate failed; detections of other mitigations already triggered the
+    guard-level rerun inside ``generate``. Reruns carry no fault, because a transient fault
+    does not recur, and run as one batch of the new prompt. Return the shot counts each row
+    used (one entry per attempt); rows are updated in place.
+    """
+    config = context.config
+    base = config.n_shots if config.n_shots is not None else 0
+    used = {row: [base] for row in range(len(batch.rows))}
+    shots_mitigation = protected.dynamic_shots()
+    if shots_mitigation is None:
+        return used
+    counts = _shot_counts(context.task)
+    validate = getattr(context.task, "validate", None)
+    shots = base
+    for attempt in range(1, int(shots_mitigation.config.max_retries) + 1):
+        suspicious = [
+            row
+            for row, result in enumerate(batch.rows)
+            if result.error is not None
+            or result.nonfinite
+            or (validate is not None and not validate(result.text))
+        ]
+        if not suspicious:
+            break
+        shots = _next_shots(shots, counts)
+        prompt = build_prompt(context.task, prepared.example, shots, context.tokenizer)
+        prompt_ids = encode_prompt(context.tokenizer, prompt)
+        rerun = run_batch(context.model, context.tokenizer, prompt_ids, [None] * len(suspicious), context.max_new_tokens)
+        batch.seconds += rerun.seconds
+        batch.forward_passes += rerun.forward_passes
+        batch.extra_forward_passes += rerun.forward_passes
+        for index, row in enumerate(suspicious):
+            previous = batch.rows[row]
+            fresh = rerun.rows[index]
+            fresh.fired = previous.fired
+            batch.rows[row] = fresh
+            used[row].append(shots)
+            detections[row].append(
+                {
+                    "mitigation": "dynamic_shots",
+                    "check": "format",
+                    "action": "rerun",
+                    "row": row,
+                    "attempt": attempt,
+                    "detail": f"answer failed the format check; rerun with {shots} shots",
+                }
+            )
+    return used
 
 
 def _run_rows_alone(context: CampaignContext, prepared: PreparedInput, faults: list) -> BatchResult:

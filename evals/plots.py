@@ -106,7 +106,8 @@ def plot_recovery_vs_overhead(summary: dict[str, Any], path: Path) -> Path | Non
         y = estimate["value"]
         low, high = estimate.get("low"), estimate.get("high")
         if low is not None and high is not None:
-            axes.errorbar([x], [y], yerr=[[y - low], [high - y]], fmt="o", capsize=3)
+            # max(0, ...): a Wilson bound can sit a rounding error past the point estimate.
+            axes.errorbar([x], [y], yerr=[[max(0.0, y - low)], [max(0.0, high - y)]], fmt="o", capsize=3)
         else:
             axes.plot([x], [y], "o")
         axes.annotate(arm["arm"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize="small")
