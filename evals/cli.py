@@ -52,7 +52,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         "--config", metavar="YAML", help="YAML file of settings (the keys are the long option names); flags override it"
     )
     parser.add_argument(
-        "--seed", type=int, help="seed for the fault draws and task data (integer, default: 0)"
+        "--seed", type=int, help="seed for the fault draws (integer, default: 0); task data has its own seed option"
     )
     parser.add_argument(
         "--output-dir", help="result folder; rerunning the same command into it resumes the run"
@@ -439,6 +439,8 @@ def _configure_logging(verbosity: int) -> None:
     # transformers logs generation-config advice at WARNING for every call; keep it quiet by default.
     if verbosity == 0:
         logging.getLogger("transformers").setLevel(logging.ERROR)
+        # Campaigns provoke detections on purpose; they are recorded per trial, not logged.
+        logging.getLogger("guard.report").setLevel(logging.ERROR)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -118,7 +118,8 @@ class CampaignConfig:
             self.arms = [part.strip() for part in self.arms.split(",")]
         if not isinstance(self.arms, (list, tuple)) or not self.arms:
             raise ConfigError(f"arms={self.arms!r} must be a non-empty list, e.g. ['none', 'abft'].")
-        labels = [arm_label(parse_arm(arm)) for arm in self.arms]
+        # "all" keeps its short label; other arms take the canonical "a+b" spelling.
+        labels = [ALL_FOUR if str(arm).strip() == ALL_FOUR else arm_label(parse_arm(arm)) for arm in self.arms]
         if len(set(labels)) != len(labels):
             raise ConfigError(f"arms={list(self.arms)!r} lists an arm twice. List each arm once.")
         self.arms = labels

@@ -95,7 +95,7 @@ def plot_recovery_vs_overhead(summary: dict[str, Any], path: Path) -> Path | Non
     figure = _figure()
     axes = figure.add_subplot(1, 1, 1)
     for arm in arms:
-        ratio = (arm["overhead"].get("time_ratio") or {}).get("total")
+        ratio = (arm["overhead"].get("time_ratio") or {}).get("median")
         x = ratio if ratio is not None else 1.0
         if use_recovered:
             estimate = arm.get("recovered_fraction") or ({"value": 0.0} if arm["arm"] == NO_MITIGATION else None)

@@ -234,7 +234,7 @@ def _time_ratio(overhead: dict) -> str:
     ratio = overhead.get("time_ratio")
     if not ratio:
         return "n/a"
-    return f"{ratio['total']:.2f}x (IQR {ratio['q1']:.2f}-{ratio['q3']:.2f})"
+    return f"{ratio['median']:.2f}x (IQR {ratio['q1']:.2f}-{ratio['q3']:.2f})"
 
 
 def sorted_arms(summary: dict[str, Any]) -> list[dict[str, Any]]:
@@ -242,7 +242,7 @@ def sorted_arms(summary: dict[str, Any]) -> list[dict[str, Any]]:
 
     def key(arm: dict) -> tuple:
         accuracy = arm["accuracy_under_faults"]["value"]
-        ratio = (arm["overhead"].get("time_ratio") or {}).get("total") or 1.0
+        ratio = (arm["overhead"].get("time_ratio") or {}).get("median") or 1.0
         return (-(accuracy if accuracy is not None else -1.0), ratio, arm["arm"])
 
     return sorted(summary["arms"], key=key)
@@ -295,7 +295,7 @@ def markdown_report(summary: dict[str, Any]) -> str:
         f"{summary['trials_planned']} trials over {summary['inputs']} inputs, batch size "
         f"{summary['batch_size']}. Intervals are {int(100 * summary['confidence'])}% "
         "(Wilson for shares, paired bootstrap for the recovered fraction); the time ratio is "
-        "against the `none` arm on the same batches.\n\n"
+        "against the `none` arm on the same batches (median of per-batch ratios, with the interquartile range).\n\n"
     )
     outcome_lines = ["| arm | " + " | ".join(OUTCOMES) + " |", "|" + "---|" * (len(OUTCOMES) + 1)]
     for arm in summary["arms"]:
@@ -342,7 +342,7 @@ def csv_text(summary: dict[str, Any]) -> str:
         row["detection_rate"] = arm["detection_rate"]["value"]
         row["false_alarm_rate"] = arm["false_alarm_rate"]["value"]
         ratio = arm["overhead"].get("time_ratio")
-        row["time_ratio"] = ratio["total"] if ratio else None
+        row["time_ratio"] = ratio["median"] if ratio else None
         row["extra_forward_passes_per_batch"] = arm["overhead"].get("extra_forward_passes_per_batch")
         row["extra_memory_bytes"] = arm["overhead"].get("extra_memory_bytes")
         test = arm.get("mcnemar_vs_none")
