@@ -1,7 +1,7 @@
 """Bit-level primitives on IEEE-754 tensors: fp32, bf16 and fp16.
 
-Every operation reinterprets the selected elements as signed integers of the same width
-(``int32`` for fp32, ``int16`` for bf16 and fp16), edits the raw bits and writes them back
+Every operation reinterprets the selected elements as signed integers of the same width:
+``int32`` for fp32, ``int16`` for bf16 and fp16. It edits those raw bits and writes them back
 in place, so a flip acts on the tensor's own format and never on a quantized stand-in.
 Bit 0 is the mantissa LSB and bit ``bits - 1`` is the sign.
 """
@@ -88,7 +88,7 @@ FORMATS: dict[torch.dtype, FloatFormat] = {
 
 
 def format_of(dtype: torch.dtype) -> FloatFormat:
-    """Return the :class:`FloatFormat` of ``dtype``; ConfigError for formats other than fp32/bf16/fp16."""
+    """Return the :class:`FloatFormat` of ``dtype``, raising ConfigError for formats other than fp32/bf16/fp16."""
     try:
         return FORMATS[dtype]
     except KeyError:

@@ -94,7 +94,7 @@ class _ArmedState:
 
 
 class InjectionHandle:
-    """Handle of armed faults; :meth:`remove` disarms them and restores every weight."""
+    """Handle of armed faults: :meth:`remove` disarms them and restores every weight."""
 
     def __init__(self, injector: "Injector"):
         self._injector = injector
@@ -369,8 +369,8 @@ class Injector:
         slices = []
         for position in positions:
             if tensor.dim() >= 3 and tensor.shape[0] == batch:
-                # [batch, seq, ...]; outputs shorter than the pass (lm_head under generate's
-                # logits_to_keep) hold its last positions.
+                # [batch, seq, ...]. Outputs shorter than the pass (lm_head under generate's
+                # logits_to_keep) contain its last positions.
                 offset = tensor.shape[1] - seq_len + position
                 if not 0 <= offset < tensor.shape[1]:
                     return f"position {position} is not in this output of {tensor.shape[1]} positions"
@@ -411,33 +411,37 @@ class Injector:
     def _corrupt_cache(self, state: _ArmedState, cache, fault: Fault, info: ForwardInfo) -> None:
         layers = getattr(cache, "layers", None)
         if layers is None:
-            # NOTE: legacy tuple caches are not supported; transformers 5 always passes a Cache.
+            # NOTE: legacy tuple caches are not supported, because transformers 5 passes a Cache object.
             self._skip(state, fault, "the forward had no Cache object with .layers")
             return
         if fault.layer is None or fault.layer >= len(layers):
             self._skip(state, fault, f"cache has no layer {fault.layer}")
             return
+
         layer = layers[fault.layer]
         stored = getattr(layer, "keys" if fault.tensor == "key" else "values", None)
         if not torch.is_tensor(stored) or stored.dim() != 4:
             self._skip(state, fault, f"cache layer {fault.layer} holds no [batch, heads, seq, dim] tensor")
             return
+
         row = fault.row if fault.row is not None else 0
         if row >= stored.shape[0]:
             self._skip(state, fault, f"row {row} is beyond the cached batch of {stored.shape[0]}")
             return
+
         length = stored.shape[2]
         if info.index == 0:
             positions = list(fault.positions) or [fault.position]
             offsets = [length - info.seq_len + position for position in positions]
         else:
             offsets = [length - 1]
-        befores, afters = [], []
         for offset in offsets:
             if not 0 <= offset < length:
                 # A sliding-window layer may no longer hold an early prompt position.
                 self._skip(state, fault, f"position is outside the {length} cached positions of layer {fault.layer}")
                 return
+
+        befores, afters = [], []
         for offset in offsets:
             # [kv_heads, head_dim] view of one cached position.
             change = _apply(stored[row, :, offset, :], fault.elements, fault)

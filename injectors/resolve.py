@@ -126,6 +126,8 @@ def _resolve_one(
         position = prompt_length - 1
     else:
         forward = 0
+        # NOTE: positions are in padded coordinates, so a sampled prefill position of a
+        # left-padded row can land on a padding token.
         position = time.position if time.position is not None else rng.randrange(prompt_length - 1)
 
     row = None
@@ -181,12 +183,12 @@ def _resolve_one(
     )
 
 
-def _pick(name: str, given: int | None, size: int, rng: random.Random) -> int:
-    if given is None:
+def _pick(name: str, requested: int | None, size: int, rng: random.Random) -> int:
+    if requested is None:
         return rng.randrange(size)
-    if given >= size:
-        raise ConfigError(f"{name}={given} is out of range: valid values are 0..{size - 1}.")
-    return given
+    if requested >= size:
+        raise ConfigError(f"{name}={requested} is out of range: valid values are 0..{size - 1}.")
+    return requested
 
 
 def _stride(site: Site, axis: str, head_dim: int | None) -> int:
@@ -213,22 +215,22 @@ def _stride(site: Site, axis: str, head_dim: int | None) -> int:
     return head_dim
 
 
-def _neighbours(given: int | None, numel: int, count: int, stride: int, rng: random.Random, axis: str) -> list[int]:
+def _neighbours(requested: int | None, numel: int, count: int, stride: int, rng: random.Random, axis: str) -> list[int]:
     # Along a column of a computation output the neighbours are positions, not elements.
     spread = 0 if stride == 1 and axis == "column" else (count - 1) * stride
     if spread >= numel:
         raise ConfigError(
             f"corruption.correlated={count} along axis={axis!r} does not fit a target of {numel} values."
         )
-    if given is None:
+    if requested is None:
         start = rng.randrange(numel - spread)
-    elif given + spread >= numel:
+    elif requested + spread >= numel:
         raise ConfigError(
-            f"site.element={given} is out of range for {count} correlated values along axis={axis!r}: "
+            f"site.element={requested} is out of range for {count} correlated values along axis={axis!r}: "
             f"valid starts are 0..{numel - spread - 1}."
         )
     else:
-        start = given
+        start = requested
     if spread == 0:
         return [start]
     return [start + j * stride for j in range(count)]

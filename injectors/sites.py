@@ -1,9 +1,9 @@
 """Injection sites of a causal LM: module outputs, parameters and KV-cache layers, with roles.
 
 A *role* names what a module computes (``q_proj``, ``down_proj``, ``router`` ...) so that one
-fault description works across architectures. Known families map roles by module-name globs;
-an unknown architecture uses the union of those globs, gives its other linear modules the
-role ``linear`` and logs one warning that lists them, so callers can select by ``module`` glob.
+fault description works across architectures. Known families map roles by module-name globs.
+An unknown architecture uses the union of those globs and gives its other linear modules the
+role ``linear``. It also logs one warning that lists them, so callers can select by ``module`` glob.
 
 Output shapes come from one probe forward of two tokens, recorded with temporary hooks.
 """
@@ -168,12 +168,12 @@ def role_table(model: nn.Module) -> list[tuple[str, str]]:
     if model not in _WARNED:
         _WARNED.add(model)
         linear = [name for name, module in model.named_modules() if _is_linear(module)]
-        shown = ", ".join(linear[:40]) + (f" ... ({len(linear)} in all)" if len(linear) > 40 else "")
+        listing = ", ".join(linear[:40]) + (f" ... ({len(linear)} in all)" if len(linear) > 40 else "")
         logger.warning(
             "Architecture %r has no role table; roles are guessed from module names. "
             "Linear modules found: %s. Select sites by module glob if a role is missing.",
             family or type(model).__name__,
-            shown,
+            listing,
         )
     return _FALLBACK_ROLES
 
@@ -252,6 +252,8 @@ def _probe_output_shapes(model: nn.Module, names: Iterable[str]) -> dict[str, li
         embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         device = embeddings.weight.device if embeddings is not None else _first_parameter(model).device
         tokens = torch.ones(batch, seq, dtype=torch.long, device=device)
+        # NOTE: a stage tracker attached at this point counts the probe as a prompt pass, so
+        # list sites before protecting the model.
         with torch.no_grad():
             model(input_ids=tokens, use_cache=False)
     finally:
@@ -418,10 +420,10 @@ def select_sites(
         matched = [site for site in sites if fnmatch.fnmatchcase(site.name, module)]
         if not matched:
             examples = sorted({site.name for site in sites})
-            shown = ", ".join(examples[:8]) + (" ..." if len(examples) > 8 else "")
+            listing = ", ".join(examples[:8]) + (" ..." if len(examples) > 8 else "")
             raise NotFoundError(
                 f"module={module!r} matches no {kind} site{close_matches(module, examples)} "
-                f"Examples of {kind} sites: {shown}. Use a glob such as '*.mlp.down_proj'."
+                f"Examples of {kind} sites: {listing}. Use a glob such as '*.mlp.down_proj'."
             )
         sites = matched
 
@@ -435,11 +437,11 @@ def select_sites(
             )
         sites = matched
 
-    wanted = _layer_list(layers)
-    if wanted is not None:
+    requested = _layer_list(layers)
+    if requested is not None:
         count = num_layers(model)
         valid = sorted({site.layer for site in sites if site.layer is not None})
-        for layer in wanted:
+        for layer in requested:
             if count is not None and not 0 <= layer < count:
                 raise ConfigError(
                     f"layers={layer} is out of range: this model has layers 0..{count - 1}."
@@ -449,7 +451,7 @@ def select_sites(
                     f"layers={layer} has no selected site: the selection has sites in layers "
                     f"{_ranges(valid) or 'none (the sites are outside the transformer blocks)'}."
                 )
-        sites = [site for site in sites if site.layer in wanted]
+        sites = [site for site in sites if site.layer in requested]
     return sites
 
 

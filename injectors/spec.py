@@ -49,10 +49,11 @@ class SiteSpec:
     """Where a fault lands.
 
     ``kind`` is ``computation`` (a module output chosen by ``role`` or ``module`` glob),
-    ``weight`` (an element of parameter ``param`` of such a module; ``persistent`` keeps it
-    for the whole generation instead of one forward) or ``kv_cache`` (layer, ``tensor`` key or
-    value, ``head``, ``channel``; the position comes from the time). ``element`` is a flat
-    index into the per-token output or the parameter; ``None`` samples one.
+    ``weight`` (an element of parameter ``param`` of such a module) or ``kv_cache`` (layer,
+    ``tensor`` key or value, ``head``, ``channel``). A ``persistent`` weight fault lasts for
+    the whole generation instead of one forward. A KV-cache position comes from the time.
+    ``element`` is a flat index into the per-token output or the parameter, and ``None``
+    samples one.
     """
 
     kind: str = "computation"
@@ -74,6 +75,7 @@ class SiteSpec:
                 f"site needs a role or a module glob for kind={self.kind!r}, "
                 "for example role='down_proj' or module='*.mlp.down_proj'."
             )
+
         if isinstance(self.layers, str) and self.layers != "all":
             raise ConfigError(f"site.layers={self.layers!r} is not valid: give an int, a list of ints or 'all'.")
         if isinstance(self.layers, list):
@@ -84,6 +86,7 @@ class SiteSpec:
         _check_int("site.element", self.element)
         _check_int("site.head", self.head)
         _check_int("site.channel", self.channel)
+
         if not isinstance(self.persistent, bool):
             raise ConfigError(f"site.persistent={self.persistent!r} is not valid: give true or false.")
         if self.persistent and self.kind != "weight":
@@ -91,6 +94,7 @@ class SiteSpec:
                 f"site.persistent=True only applies to kind='weight', got kind={self.kind!r}; "
                 "KV-cache faults persist anyway and computation faults are transient."
             )
+
         if self.tensor is not None and self.tensor not in KV_TENSORS:
             raise ConfigError(unknown_choice("site.tensor", self.tensor, KV_TENSORS))
         if self.kind != "kv_cache" and (self.tensor, self.head, self.channel) != (None, None, None):
@@ -107,9 +111,9 @@ class SiteSpec:
 class TimeSpec:
     """When a fault fires: ``stage`` with a decode ``step`` (None samples one), ``position``, ``row``.
 
-    ``position`` is the token index in the padded prompt for prefill (None samples one); the
-    first token is the last prompt position and a decode step processes one position. For a
-    KV-cache fault the stage and step say which pass writes the corrupted position.
+    ``position`` is the token index in the padded prompt for prefill, and None samples one.
+    The first token is the last prompt position, and a decode step processes one position.
+    For a KV-cache fault the stage and step select the pass that writes the corrupted position.
     """
 
     stage: str = "first_token"
@@ -165,12 +169,14 @@ class CorruptionSpec:
         _check_int("corruption.correlated", self.correlated, minimum=1, allow_none=False)
         if self.axis not in AXES:
             raise ConfigError(unknown_choice("corruption.axis", self.axis, AXES))
+
         if self.k is not None and self.burst is not None:
             raise ConfigError("corruption.k and corruption.burst exclude each other: give one of them.")
         if self.bit is not None and self.field is not None:
             raise ConfigError("corruption.bit and corruption.field exclude each other: give one of them.")
         if self.bit is not None and self.k is not None:
             raise ConfigError("corruption.bit and corruption.k exclude each other: k draws its bits at random.")
+
         if self.mode == "stuck_at":
             if self.stuck_at not in (0, 1) or isinstance(self.stuck_at, bool):
                 raise ConfigError(
