@@ -64,9 +64,10 @@ class ABFTConfig(MitigationConfig):
     ``"all_linear"``. ``layers``: ``"all"`` or block indices (layers outside the blocks, such as
     ``lm_head``, match only ``"all"``). ``modules``: optional globs on module names.
     ``stages``: stages whose positions are checked. ``correction``: ``"recompute"`` reruns the
-    layer and takes the mismatching rows, ``"locate"`` finds a single corrupted element with a
-    second, index-weighted checksum and fixes it in place (falling back to recomputation),
-    ``"none"`` only reports. ``scrub``: when to verify the weights' bit checksums.
+    layer and takes the mismatching rows (bit-identical to a fault-free run), ``"locate"`` finds
+    a single corrupted element per row with a second, index-weighted checksum and rebuilds it
+    from the checksum (right to within rounding; falls back to recomputation), ``"none"`` only
+    reports. ``scrub``: when to verify the weights' bit checksums.
     """
 
     roles: Any = ("o_proj", "down_proj")
@@ -229,7 +230,12 @@ class _CheckedLayer:
         return F.linear(x, weight, self.site.bias)
 
     def _locate_and_fix(self, x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Fix single corrupted elements in place; return the rows that still fail."""
+        """Fix one corrupted element per failing row in place; return the rows that still fail.
+
+        The corrupted column is ``(weighted difference) / (difference) - 1``; its value is
+        rebuilt as the checksum reference minus the other elements, so it is right to within
+        rounding but not necessarily bit-identical to a fault-free product.
+        """
         x64 = x.reshape(-1, x.shape[-1])[rows].double()
         y64 = flat[rows].double()
         reference = x64 @ self.column_checksum + self.bias_sum
@@ -238,30 +244,32 @@ class _CheckedLayer:
         failed = []
         for k, row in enumerate(rows.tolist()):
             values = y64[k]
-            if not torch.isfinite(values).all():
-                bad = torch.nonzero(~torch.isfinite(values)).flatten()
-                if bad.numel() != 1:
-                    failed.append(row)
-                    continue
-                column = int(bad[0])
-                others = values.clone()
-                others[column] = 0
-                flat[row, column] = (reference[k] - others.sum()).to(flat.dtype)
+            nonfinite = torch.nonzero(~torch.isfinite(values)).flatten()
+            if nonfinite.numel() > 1:
+                failed.append(row)
+                continue
+            if nonfinite.numel() == 1:
+                column = int(nonfinite[0])
             else:
                 delta = values.sum() - reference[k]
                 weighted_delta = values @ index - weighted_reference[k]
                 position = float(weighted_delta / delta) if delta != 0 else float("nan")
-                column = round(position) - 1
-                if not (0 <= column < flat.shape[-1]) or abs(position - round(position)) > 0.01:
+                if not abs(position - round(position)) <= 0.01:
                     failed.append(row)
                     continue
-                flat[row, column] = (values[column] - delta).to(flat.dtype)
-        candidates = rows[torch.isin(rows, torch.tensor(failed, dtype=rows.dtype))] if failed else rows[:0]
-        fixed = rows[~torch.isin(rows, candidates)]
+                column = round(position) - 1
+                if not 0 <= column < flat.shape[-1]:
+                    failed.append(row)
+                    continue
+            others = values.clone()
+            others[column] = 0
+            flat[row, column] = (reference[k] - others.sum()).to(flat.dtype)
+        failed_rows = torch.tensor(failed, dtype=rows.dtype, device=rows.device)
+        fixed = rows[~torch.isin(rows, failed_rows)]
         if fixed.numel():
             still_bad, _ = self.mismatching_rows(x.reshape(-1, x.shape[-1])[fixed], flat[fixed])
-            candidates = torch.cat([candidates, fixed[still_bad]])
-        return candidates
+            failed_rows = torch.cat([failed_rows, fixed[still_bad]])
+        return failed_rows
 
     def _record(self, rows, differences, x, info, action) -> None:
         context = self.mitigation._context

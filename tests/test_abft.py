@@ -1,0 +1,411 @@
+"""ABFT: checksum checks, correction, weight scrubbing and configuration errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import guard
+from guard import ConfigError
+from injectors import FaultSpec, Injector, resolve_faults
+from mitigations import ABFT
+from mitigations.abft import ABFTConfig, unit_roundoff
+from tests.tiny_models import make_prompt, make_tiny_model
+
+GREEDY = dict(max_new_tokens=6, do_sample=False)
+INT_OF = {4: torch.int32, 2: torch.int16}
+EXPONENT_MSB = {torch.float32: 30, torch.bfloat16: 14, torch.float16: 14}
+
+
+class FlipOnce:
+    """Forward hook flipping one bit of one output element on the first prompt pass."""
+
+    def __init__(self, row=0, position=-1, element=5, bit=30):
+        self.row, self.position, self.element, self.bit = row, position, element, bit
+        self.fired = 0
+
+    def __call__(self, module, args, output):
+        if self.fired or output.shape[1] < 2:
+            return None
+        self.fired += 1
+        output = output.clone()
+        value = output[self.row, self.position, self.element : self.element + 1]
+        bits = value.view(INT_OF[output.element_size()])
+        bits ^= 1 << self.bit
+        return output
+
+
+def protected_run(model, prompt, abft, hook_module=None, hook=None):
+    """Generate with ``abft`` installed (and ``hook`` prepended on ``hook_module``); return tokens and call report."""
+    guard.protect(model, abft)
+    handle = hook_module.register_forward_hook(hook, prepend=True) if hook_module is not None else None
+    try:
+        tokens = model.generate(prompt, **GREEDY)
+        return tokens, guard.get_report(model).last_call
+    finally:
+        if handle is not None:
+            handle.remove()
+        guard.unprotect(model)
+
+
+# ----- configuration ---------------------------------------------------------------------
+
+
+def test_config_defaults():
+    config = ABFTConfig()
+    assert config.roles == ("o_proj", "down_proj")
+    assert config.layers == "all"
+    assert config.stages == frozenset({"prefill", "first_token", "decode"})
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(roles=[]), "abft.roles is empty"),
+        (dict(roles=["all_linear", "q_proj"]), "use it alone"),
+        (dict(layers="some"), "abft.layers='some' is not valid"),
+        (dict(layers=[-1]), "layer indices are integers >= 0"),
+        (dict(layers=[]), "abft.layers is empty"),
+        (dict(stages=["prefil"]), "Did you mean 'prefill'"),
+        (dict(correction="fix"), "abft.correction='fix' is not valid"),
+        (dict(scrub="always"), "abft.scrub='always' is not valid"),
+        (dict(tolerance_scale=0.5), "abft.tolerance_scale=0.5 is not valid"),
+        (dict(accumulation="fp8"), "abft.accumulation='fp8' is not valid"),
+    ],
+)
+def test_config_rejects_bad_values(options, message):
+    with pytest.raises(ConfigError, match=message):
+        ABFT(**options)
+
+
+def test_config_unknown_option():
+    with pytest.raises(ConfigError, match="unknown option 'role'.*Did you mean 'roles'"):
+        ABFT(role="down_proj")
+
+
+def test_selection_matching_nothing(tiny_llama):
+    with pytest.raises(ConfigError, match="match no linear layer.*It has roles.*down_proj.*layers 0-1"):
+        guard.protect(tiny_llama, ABFT(layers=[7]))
+
+
+def test_selection_all_linear(tiny_llama):
+    guard.protect(tiny_llama, ABFT(roles="all_linear"))
+    checked = guard.protected_mitigations(tiny_llama)[0].checked_modules
+    guard.unprotect(tiny_llama)
+    assert len(checked) == 2 * 7 + 1  # seven projections per block plus lm_head
+
+
+def test_selection_gpt2_conv1d_aliases():
+    model = make_tiny_model("gpt2")
+    guard.protect(model, ABFT())
+    checked = guard.protected_mitigations(model)[0].checked_modules
+    guard.unprotect(model)
+    assert checked == [
+        "transformer.h.0.attn.c_proj", "transformer.h.0.mlp.c_proj",
+        "transformer.h.1.attn.c_proj", "transformer.h.1.mlp.c_proj",
+    ]
+
+
+def test_unit_roundoff_values():
+    assert unit_roundoff(torch.float32) == 2.0**-24
+    assert unit_roundoff(torch.bfloat16) == 2.0**-8
+    assert unit_roundoff(torch.float16) == 2.0**-11
+
+
+# ----- fault-free --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2_moe"])
+def test_fault_free_no_false_alarm(arch, dtype):
+    model = make_tiny_model(arch, dtype=dtype)
+    prompt = make_prompt(4, 9)
+    golden = model.generate(prompt, **GREEDY)
+    tokens, call = protected_run(model, prompt, ABFT(roles="all_linear"))
+    assert call.detections == []
+    assert torch.equal(tokens, golden)
+
+
+# ----- computation faults -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_exponent_flip_detected_and_corrected(dtype):
+    model = make_tiny_model("llama", dtype=dtype)
+    prompt = make_prompt(3, 7)
+    golden = model.generate(prompt, **GREEDY)
+    flip = FlipOnce(row=1, bit=EXPONENT_MSB[dtype])
+    tokens, call = protected_run(model, prompt, ABFT(), model.model.layers[1].mlp.down_proj, flip)
+    assert flip.fired == 1
+    (detection,) = call.detections
+    assert detection.check in ("output_checksum", "nonfinite_output")
+    assert detection.row == 1
+    assert detection.stage == "first_token"
+    assert detection.action == "recomputed"
+    assert torch.equal(tokens, golden)
+
+
+def test_unchecked_layer_not_detected(tiny_llama):
+    flip = FlipOnce(bit=30)
+    _, call = protected_run(tiny_llama, make_prompt(2, 6), ABFT(), tiny_llama.model.layers[0].mlp.gate_proj, flip)
+    assert flip.fired == 1
+    assert call.detections == []
+
+
+def test_prefill_fault_reports_prefill_stage(tiny_llama):
+    flip = FlipOnce(row=0, position=2, bit=30)
+    prompt = make_prompt(2, 6)
+    golden = tiny_llama.generate(prompt, **GREEDY)
+    tokens, call = protected_run(tiny_llama, prompt, ABFT(), tiny_llama.model.layers[0].self_attn.o_proj, flip)
+    (detection,) = call.detections
+    assert detection.stage == "prefill"
+    assert torch.equal(tokens, golden)
+
+
+def test_stage_selection_skips_other_stages(tiny_llama):
+    flip = FlipOnce(bit=30)
+    _, call = protected_run(
+        tiny_llama, make_prompt(2, 6), ABFT(stages="decode"), tiny_llama.model.layers[1].mlp.down_proj, flip
+    )
+    assert flip.fired == 1
+    assert call.detections == []
+
+
+def test_nan_output_detected(tiny_llama):
+    class SetNaN(FlipOnce):
+        def __call__(self, module, args, output):
+            if self.fired or output.shape[1] < 2:
+                return None
+            self.fired += 1
+            output = output.clone()
+            output[0, -1, 0] = float("nan")
+            return output
+
+    prompt = make_prompt(1, 6)
+    golden = tiny_llama.generate(prompt, **GREEDY)
+    tokens, call = protected_run(tiny_llama, prompt, ABFT(), tiny_llama.model.layers[0].mlp.down_proj, SetNaN())
+    assert [d.check for d in call.detections] == ["nonfinite_output"]
+    assert torch.equal(tokens, golden)
+
+
+def test_locate_correction_fixes_element(tiny_llama):
+    prompt = make_prompt(2, 6)
+    golden = tiny_llama.generate(prompt, **GREEDY)
+    flip = FlipOnce(row=1, bit=30)
+    tokens, call = protected_run(
+        tiny_llama, prompt, ABFT(correction="locate"), tiny_llama.model.layers[1].mlp.down_proj, flip
+    )
+    (detection,) = call.detections
+    assert detection.action == "corrected"
+    assert torch.equal(tokens, golden)
+
+
+def test_correction_none_only_reports(tiny_llama):
+    prompt = make_prompt(2, 6)
+    golden = tiny_llama.generate(prompt, **GREEDY)
+    flip = FlipOnce(row=0, bit=30)
+    tokens, call = protected_run(
+        tiny_llama, prompt, ABFT(correction="none"), tiny_llama.model.layers[1].mlp.down_proj, flip
+    )
+    (detection,) = call.detections
+    assert detection.action == "none"
+    assert not torch.equal(tokens, golden)
+
+
+def test_decode_step_fault_detected(tiny_llama):
+    class FlipAtDecode:
+        fired = 0
+
+        def __call__(self, module, args, output):
+            if self.fired or output.shape[1] != 1:
+                return None
+            self.fired += 1
+            output = output.clone()
+            output[0, 0, 1:2].view(torch.int32).__ixor__(1 << 30)
+            return output
+
+    prompt = make_prompt(1, 6)
+    golden = tiny_llama.generate(prompt, **GREEDY)
+    tokens, call = protected_run(tiny_llama, prompt, ABFT(), tiny_llama.model.layers[0].mlp.down_proj, FlipAtDecode())
+    (detection,) = call.detections
+    assert detection.stage == "decode"
+    assert detection.step == 1
+    assert torch.equal(tokens, golden)
+
+
+def test_plain_forward_corrected(tiny_llama):
+    prompt = make_prompt(2, 6)
+    golden = tiny_llama(prompt).logits
+    guard.protect(tiny_llama, ABFT())
+    handle = tiny_llama.model.layers[0].mlp.down_proj.register_forward_hook(FlipOnce(bit=30), prepend=True)
+    try:
+        logits = tiny_llama(prompt).logits
+        call = guard.get_report(tiny_llama).last_call
+    finally:
+        handle.remove()
+        guard.unprotect(tiny_llama)
+    assert call.kind == "forward"
+    assert len(call.detections) == 1
+    assert torch.equal(logits, golden)
+
+
+def test_install_order_does_not_matter(tiny_llama):
+    """A fault hook registered before protect is still seen, because it is prepended."""
+    prompt = make_prompt(2, 6)
+    golden = tiny_llama.generate(prompt, **GREEDY)
+    flip = FlipOnce(row=1, bit=30)
+    handle = tiny_llama.model.layers[1].mlp.down_proj.register_forward_hook(flip, prepend=True)
+    guard.protect(tiny_llama, ABFT())
+    try:
+        tokens = tiny_llama.generate(prompt, **GREEDY)
+        call = guard.get_report(tiny_llama).last_call
+    finally:
+        guard.unprotect(tiny_llama)
+        handle.remove()
+    assert len(call.detections) == 1
+    assert torch.equal(tokens, golden)
+
+
+# ----- weights in memory ----------------------------------------------------------------------
+
+
+def flip_weight_bit(weight, row, column, bit):
+    bits = weight.detach().view(INT_OF[weight.element_size()])
+    bits[row, column] ^= 1 << bit
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_weight_flip_restored_exactly(arch, dtype):
+    model = make_tiny_model(arch, dtype=dtype)
+    prompt = make_prompt(2, 6)
+    golden = model.generate(prompt, **GREEDY)
+    guard.protect(model, ABFT())
+    weight = guard.protected_mitigations(model)[0].layers[1].site.weight
+    original = weight.detach().clone()
+    flip_weight_bit(weight, 3, 5, EXPONENT_MSB[dtype])
+    try:
+        tokens = model.generate(prompt, **GREEDY)
+        call = guard.get_report(model).last_call
+    finally:
+        guard.unprotect(model)
+    bits = INT_OF[weight.element_size()]
+    assert torch.equal(weight.detach().view(bits), original.view(bits))
+    assert [(d.check, d.action) for d in call.detections] == [("weight_checksum", "restored")]
+    assert torch.equal(tokens, golden)
+
+
+def test_weight_flips_in_two_rows_restored(tiny_llama):
+    guard.protect(tiny_llama, ABFT())
+    abft = guard.protected_mitigations(tiny_llama)[0]
+    weight = abft.layers[0].site.weight
+    original = weight.detach().clone()
+    flip_weight_bit(weight, 1, 2, 30)
+    flip_weight_bit(weight, 7, 20, 29)
+    try:
+        restored = abft.scrub()
+    finally:
+        guard.unprotect(tiny_llama)
+    assert restored == 1
+    assert torch.equal(weight.detach().view(torch.int32), original.view(torch.int32))
+
+
+def test_bias_flip_restored():
+    model = make_tiny_model("gpt2")
+    prompt = make_prompt(1, 6)
+    golden = model.generate(prompt, **GREEDY)
+    guard.protect(model, ABFT())
+    bias = model.transformer.h[0].mlp.c_proj.bias
+    original = bias.detach().clone()
+    bias.detach().view(torch.int32)[4] ^= 1 << 30
+    try:
+        tokens = model.generate(prompt, **GREEDY)
+        call = guard.get_report(model).last_call
+    finally:
+        guard.unprotect(model)
+    assert torch.equal(bias.detach(), original)
+    assert call.detections[0].check == "weight_checksum"
+    assert torch.equal(tokens, golden)
+
+
+def test_weight_fault_during_generate_restored(tiny_llama):
+    """A weight corrupted after the start-of-generate scrub is caught by the output check."""
+    prompt = make_prompt(2, 6)
+    golden = tiny_llama.generate(prompt, **GREEDY)
+    guard.protect(tiny_llama, ABFT())
+    weight = tiny_llama.model.layers[1].mlp.down_proj.weight
+    original = weight.detach().clone()
+
+    def corrupt_before_prompt(module, args):
+        if args[0].shape[1] > 1 and torch.equal(weight.detach(), original):
+            flip_weight_bit(weight, 4, 9, 30)
+
+    handle = tiny_llama.model.layers[1].mlp.down_proj.register_forward_pre_hook(corrupt_before_prompt)
+    try:
+        tokens = tiny_llama.generate(prompt, **GREEDY)
+        call = guard.get_report(tiny_llama).last_call
+    finally:
+        handle.remove()
+        guard.unprotect(tiny_llama)
+    actions = [(d.check, d.action) for d in call.detections]
+    assert ("weight_checksum", "restored") in actions
+    assert torch.equal(weight.detach(), original)
+    assert torch.equal(tokens, golden)
+
+
+# ----- with the fault injector ------------------------------------------------------------------
+
+
+def resolve(model, spec, batch_size, seed=0, prompt_length=7):
+    return resolve_faults(
+        model, FaultSpec.from_dict(spec), seed=seed, n=1,
+        prompt_length=prompt_length, max_new_tokens=GREEDY["max_new_tokens"], batch_size=batch_size,
+    )
+
+
+@pytest.mark.parametrize("role", ["down_proj", "o_proj"])
+def test_injected_exponent_flip_corrected(tiny_llama, role):
+    prompt = make_prompt(3, 7)
+    golden = tiny_llama.generate(prompt, **GREEDY)
+    spec = {
+        "site": {"role": role},
+        "time": {"stage": "first_token", "row": 2},
+        "corruption": {"bit": 30},
+    }
+    faults = resolve(tiny_llama, spec, batch_size=3, seed=5)
+    injector = Injector(tiny_llama)
+    with injector.armed(faults):
+        corrupted = tiny_llama.generate(prompt, **GREEDY)
+    guard.protect(tiny_llama, ABFT())
+    try:
+        with injector.armed(faults):
+            tokens = tiny_llama.generate(prompt, **GREEDY)
+        call = guard.get_report(tiny_llama).last_call
+    finally:
+        guard.unprotect(tiny_llama)
+    assert len(injector.fired) == 1
+    assert not torch.equal(corrupted, golden)
+    assert [(d.row, d.layer, d.action) for d in call.detections] == [(2, faults[0].layer, "recomputed")]
+    assert torch.equal(tokens, golden)
+
+
+def test_injected_persistent_weight_fault_restored(tiny_llama):
+    prompt = make_prompt(2, 7)
+    golden = tiny_llama.generate(prompt, **GREEDY)
+    spec = {
+        "site": {"kind": "weight", "role": "down_proj", "layers": [0], "param": "weight", "persistent": True},
+        "time": {"stage": "first_token"},
+        "corruption": {"bit": 30},
+    }
+    faults = resolve(tiny_llama, spec, batch_size=2, seed=1)
+    injector = Injector(tiny_llama)
+    guard.protect(tiny_llama, ABFT())
+    try:
+        with injector.armed(faults):
+            tokens = tiny_llama.generate(prompt, **GREEDY)
+        call = guard.get_report(tiny_llama).last_call
+    finally:
+        guard.unprotect(tiny_llama)
+    assert len(injector.fired) == 1
+    assert ("weight_checksum", "restored") in [(d.check, d.action) for d in call.detections]
+    assert torch.equal(tokens, golden)
