@@ -72,6 +72,29 @@ def _restore(tensor: torch.Tensor, elements: Sequence[int], before: torch.Tensor
         tensor.view(fmt.int_dtype)[where] = before.to(tensor.device).view(fmt.int_dtype)
 
 
+def _pass_positions(fault: Fault, info: ForwardInfo, row: int) -> list[int] | str:
+    """Return the indices within the running pass of the tokens ``fault`` hits, or why there are none.
+
+    Prompt positions count the row's own tokens, so left padding is skipped. The first token is
+    the row's last prompt token, and a decode pass appends its one new position at the end.
+    """
+    if info.index > 0:
+        return [info.seq_len - 1]
+    if info.attention_mask is None:
+        valid = list(range(info.seq_len))
+    else:
+        valid = info.valid_positions(row).tolist()
+    if not valid:
+        return f"row {row} has no prompt tokens in this pass"
+    if fault.stage == "first_token" and not fault.positions:
+        return [valid[-1]]
+    requested = list(fault.positions) or [fault.position]
+    for position in requested:
+        if position is None or position >= len(valid):
+            return f"position {position} is beyond the {len(valid)} prompt tokens of row {row}"
+    return [valid[position] for position in requested]
+
+
 @dataclass
 class _WeightEdit:
     fault: Fault
@@ -360,11 +383,9 @@ class Injector:
         row = fault.row if fault.row is not None else 0
         if row >= batch:
             return f"row {row} is beyond the batch of {batch}"
-        if info.index == 0:
-            positions = list(fault.positions) or [fault.position]
-        else:
-            # A decode pass appends its new positions at the end of the sequence.
-            positions = [seq_len - 1]
+        positions = _pass_positions(fault, info, row)
+        if isinstance(positions, str):
+            return positions
 
         slices = []
         for position in positions:
@@ -429,12 +450,13 @@ class Injector:
             self._skip(state, fault, f"row {row} is beyond the cached batch of {stored.shape[0]}")
             return
 
+        positions = _pass_positions(fault, info, row)
+        if isinstance(positions, str):
+            self._skip(state, fault, positions)
+            return
+        # The pass wrote its seq_len positions at the end of the cached sequence.
         length = stored.shape[2]
-        if info.index == 0:
-            positions = list(fault.positions) or [fault.position]
-            offsets = [length - info.seq_len + position for position in positions]
-        else:
-            offsets = [length - 1]
+        offsets = [length - info.seq_len + position for position in positions]
         for offset in offsets:
             if not 0 <= offset < length:
                 # A sliding-window layer may no longer hold an early prompt position.

@@ -126,8 +126,8 @@ def _resolve_one(
         position = prompt_length - 1
     else:
         forward = 0
-        # NOTE: positions are in padded coordinates, so a sampled prefill position of a
-        # left-padded row can land on a padding token.
+        # NOTE: positions are sampled below prompt_length; a shorter row of a padded batch
+        # skips a position beyond its own prompt (Injector.skipped gives the reason).
         position = time.position if time.position is not None else rng.randrange(prompt_length - 1)
 
     row = None

@@ -111,7 +111,8 @@ class SiteSpec:
 class TimeSpec:
     """When a fault fires: ``stage`` with a decode ``step`` (None samples one), ``position``, ``row``.
 
-    ``position`` is the token index in the padded prompt for prefill, and None samples one.
+    ``position`` is the token index in the row's own prompt (left padding excluded) for
+    prefill, and None samples one.
     The first token is the last prompt position, and a decode step processes one position.
     For a KV-cache fault the stage and step select the pass that writes the corrupted position.
     """
@@ -232,7 +233,8 @@ class Fault:
     """One concrete fault, fully resolved and JSON-serialisable.
 
     ``forward`` is the pass that fires it (0 = prompt pass, k = decode step k) and ``call``
-    the module call within that pass. ``position`` is the token index in the padded sequence.
+    the module call within that pass. ``position`` is the token index in the row's own sequence,
+left padding excluded.
     ``elements`` are flat indices into the target slice: the per-token output vector
     (computation), the flattened parameter (weight) or the ``[kv_heads, head_dim]`` slice of
     one cache position (KV cache). ``positions`` lists more token positions for a fault

@@ -506,3 +506,59 @@ def test_correlated_column_positions_fire(tiny_llama):
     finally:
         watcher.remove()
     assert watcher.hits == [(0, [[0, 2, 3], [0, 3, 3], [0, 4, 3]])]
+
+
+# ----- left padding -----------------------------------------------------------------------
+
+
+def padded_batch():
+    """Two prompts, the second three tokens shorter and left-padded with token 0."""
+    prompt = make_prompt(2, PROMPT_LENGTH, seed=2)
+    prompt[1, :3] = 0
+    mask = torch.ones_like(prompt)
+    mask[1, :3] = 0
+    return prompt, mask
+
+
+@pytest.mark.parametrize("time,column", [({"stage": "prefill", "position": 1}, 4), ({"stage": "first_token"}, PROMPT_LENGTH - 1)])
+def test_positions_skip_left_padding(tiny_llama, time, column):
+    prompt, mask = padded_batch()
+    fault = resolve(
+        tiny_llama,
+        {"role": "down_proj", "layers": 0, "element": 6},
+        dict(time, row=1),
+        {"mode": "set", "value": MARK},
+        batch_size=2,
+    )[0]
+    watcher = MarkWatcher(tiny_llama, "model.layers.0.mlp.down_proj")
+    try:
+        with Injector(tiny_llama).armed([fault]):
+            generate(tiny_llama, prompt, new_tokens=2, attention_mask=mask)
+    finally:
+        watcher.remove()
+    assert watcher.hits == [(0, [[1, column, 6]])]
+
+
+def test_position_beyond_short_row(tiny_llama):
+    prompt, mask = padded_batch()
+    fault = resolve(tiny_llama, time={"stage": "prefill", "position": 5, "row": 1}, batch_size=2)[0]
+    injector = Injector(tiny_llama)
+    with injector.armed([fault]):
+        generate(tiny_llama, prompt, new_tokens=2, attention_mask=mask)
+    assert injector.unfired == [fault]
+    assert injector.skipped[0][1] == "position 5 is beyond the 5 prompt tokens of row 1"
+
+
+def test_kv_position_skips_padding(tiny_llama):
+    prompt, mask = padded_batch()
+    fault = resolve(
+        tiny_llama,
+        {"kind": "kv_cache", "layers": 0, "tensor": "key", "head": 0, "channel": 1},
+        {"stage": "prefill", "position": 0, "row": 1},
+        {"mode": "set", "value": MARK},
+        batch_size=2,
+    )[0]
+    with Injector(tiny_llama).armed([fault]):
+        result = generate(tiny_llama, prompt, new_tokens=2, attention_mask=mask, return_dict_in_generate=True)
+    keys = result.past_key_values.layers[0].keys
+    assert torch.nonzero(keys == MARK).tolist() == [[1, 0, 3, 1]]
