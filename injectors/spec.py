@@ -142,14 +142,15 @@ class CorruptionSpec:
     """What happens to the selected value(s).
 
     ``mode`` is ``flip`` (XOR), ``stuck_at`` (force bits to ``stuck_at`` 0/1) or ``set``
-    (write ``value``: a number, ``"nan"``, ``"inf"``, ``"-inf"``). Bits are chosen by ``bit``
+    (write ``value``: a number, ``"nan"``, ``"inf"``, ``"-inf"``). Without ``mode``, a given
+    ``stuck_at`` means stuck-at, a given ``value`` means set, and otherwise a flip. Bits are chosen by ``bit``
     (an index), ``field`` (one random bit of sign/exponent/exponent_msb/mantissa), ``k``
     (k distinct random bits, within ``field`` if given) or ``burst`` (b adjacent bits starting
     at ``bit`` or at a random start within ``field``). ``correlated`` repeats the corruption
     on n neighbouring values along ``axis`` (row, column or head).
     """
 
-    mode: str = "flip"
+    mode: str | None = None
     bit: int | None = None
     field: str | None = None
     k: int | None = None
@@ -160,6 +161,14 @@ class CorruptionSpec:
     value: float | str | None = None
 
     def __post_init__(self) -> None:
+        if self.mode is None:
+            # Giving only stuck_at or value is enough to say which corruption is meant.
+            if self.stuck_at is not None:
+                self.mode = "stuck_at"
+            elif self.value is not None:
+                self.mode = "set"
+            else:
+                self.mode = "flip"
         if self.mode not in MODES:
             raise ConfigError(unknown_choice("corruption.mode", self.mode, MODES))
         if self.field is not None and self.field not in FIELDS:

@@ -157,6 +157,12 @@ def test_set_value_fault(llama):
     assert fault.bits == ()
 
 
+def test_mode_inferred():
+    assert CorruptionSpec(stuck_at=0, bit=2).mode == "stuck_at"
+    assert CorruptionSpec(value="nan").mode == "set"
+    assert CorruptionSpec(bit=2).mode == "flip"
+
+
 def test_stuck_at_fault(llama):
     fault = resolve_faults(llama, spec(corruption={"mode": "stuck_at", "stuck_at": 1, "bit": 3}), seed=0, **RUN)[0]
     assert (fault.mode, fault.stuck_at, fault.bits) == ("stuck_at", 1, (3,))
@@ -299,11 +305,11 @@ def test_resolve_bad_arguments(llama, name, value, pattern):
         ("corruption", {"correlated": 0}, r"corruption.correlated=0 is not valid"),
         ("corruption", {"axis": "diagonal"}, r"corruption.axis='diagonal' is not valid"),
         ("corruption", {"mode": "stuck_at"}, r"corruption.stuck_at=None is not valid for mode='stuck_at'"),
-        ("corruption", {"stuck_at": 1}, r"corruption.stuck_at needs mode='stuck_at'"),
+        ("corruption", {"mode": "flip", "stuck_at": 1}, r"corruption.stuck_at needs mode='stuck_at'"),
         ("corruption", {"mode": "set"}, r"corruption.value is missing for mode='set'"),
         ("corruption", {"mode": "set", "value": "huge"}, r"value='huge' is not valid"),
         ("corruption", {"mode": "set", "value": 1.0, "bit": 3}, r"do not apply to mode='set'"),
-        ("corruption", {"value": 1.0}, r"corruption.value needs mode='set'"),
+        ("corruption", {"mode": "stuck_at", "stuck_at": 0, "value": 1.0}, r"corruption.value needs mode='set'"),
     ],
 )
 def test_spec_validation(section, data, pattern):

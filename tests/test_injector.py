@@ -562,3 +562,20 @@ def test_kv_position_skips_padding(tiny_llama):
         result = generate(tiny_llama, prompt, new_tokens=2, attention_mask=mask, return_dict_in_generate=True)
     keys = result.past_key_values.layers[0].keys
     assert torch.nonzero(keys == MARK).tolist() == [[1, 0, 3, 1]]
+
+
+# ----- formats ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_flip(dtype):
+    model = make_tiny_model("llama", dtype=dtype)
+    faults = resolve(model, {"role": "down_proj"}, corruption={"field": "exponent_msb"}, seed=1)
+    injector = Injector(model)
+    with injector.armed(faults):
+        generate(model, make_prompt(1, PROMPT_LENGTH), new_tokens=2)
+    record = injector.fired[0]
+    assert record.dtype == str(dtype).replace("torch.", "")
+    before = torch.tensor(record.value_before, dtype=dtype).view(torch.int16)
+    after = torch.tensor(record.value_after, dtype=dtype).view(torch.int16)
+    assert int(before[0]) ^ int(after[0]) == 1 << 14
