@@ -246,6 +246,7 @@ class MixedPrecision(Mitigation):
         self.layers = [_Layer(site, self, model_dtype) for site in sites]
         if config.clamp != "none":
             self._set_bounds(model)
+        self._bounds = {layer.site.name: layer.bound for layer in self.layers}
 
         if requested is not None:
             for layer in self.layers:
@@ -272,8 +273,8 @@ class MixedPrecision(Mitigation):
 
     @property
     def bounds(self) -> dict[str, float | None]:
-        """Module name to clamp bound."""
-        return {layer.site.name: layer.bound for layer in getattr(self, "layers", [])}
+        """Module name to clamp bound, from the last install (kept after removal)."""
+        return dict(getattr(self, "_bounds", {}))
 
     def _set_bounds(self, model: nn.Module) -> None:
         clamp = self.config.clamp

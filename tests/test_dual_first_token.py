@@ -1,0 +1,207 @@
+"""Dual first-token: redundant prompt pass, vote and recovery."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import guard
+from guard import ConfigError
+from injectors import FaultSpec, Injector, resolve_faults
+from mitigations import DualFirstToken
+from tests.tiny_models import make_prompt, make_tiny_model
+
+GREEDY = dict(max_new_tokens=6, do_sample=False)
+
+
+class CorruptPromptCalls:
+    """Corrupts one output element on the first ``times`` prompt-pass calls of a module."""
+
+    def __init__(self, row=0, value=1.0e4, times=1, element=3):
+        self.row, self.value, self.times, self.element = row, value, times, element
+        self.fired = 0
+
+    def __call__(self, module, args, output):
+        if self.fired >= self.times or output.shape[1] < 2:
+            return None
+        self.fired += 1
+        output = output.clone()
+        output[self.row, -1, self.element] = self.value + self.fired  # each run differs
+        return output
+
+
+def run_protected(model, prompt, mitigation, module=None, hook=None, **generate):
+    guard.protect(model, mitigation)
+    handle = module.register_forward_hook(hook, prepend=True) if module is not None else None
+    try:
+        tokens = model.generate(prompt, **{**GREEDY, **generate})
+        return tokens, guard.get_report(model).last_call
+    finally:
+        if handle is not None:
+            handle.remove()
+        guard.unprotect(model)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(logits_atol=-1), "logits_atol=-1 is not valid"),
+        (dict(vote="yes"), "vote='yes' must be True or False"),
+        (dict(compare_kv=1), "compare_kv=1 must be True or False"),
+    ],
+)
+def test_config_rejects_bad_values(options, message):
+    with pytest.raises(ConfigError, match=message):
+        DualFirstToken(**options)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "gpt2", "mixtral"])
+def test_fault_free_tokens_and_one_extra_pass(arch):
+    model = make_tiny_model(arch)
+    prompt = make_prompt(3, 9)
+    golden = model.generate(prompt, **GREEDY)
+    tokens, call = run_protected(model, prompt, DualFirstToken())
+    assert torch.equal(tokens, golden)
+    assert call.detections == []
+    assert call.extra_forward_passes == 1
+    assert call.extra_memory_bytes > 0
+
+
+def test_first_token_fault_outvoted(tiny_llama):
+    prompt = make_prompt(3, 7)
+    golden = tiny_llama.generate(prompt, **GREEDY)
+    corrupt = CorruptPromptCalls(row=1)
+    tokens, call = run_protected(tiny_llama, prompt, DualFirstToken(), tiny_llama.model.layers[1].mlp.down_proj, corrupt)
+    assert corrupt.fired == 1
+    (detection,) = call.detections
+    assert detection.check == "first_token_mismatch"
+    assert detection.row == 1
+    assert detection.action == "voted"
+    assert "outvoted" in detection.detail
+    assert call.extra_forward_passes == 2
+    assert torch.equal(tokens, golden)
+
+
+def test_fault_in_second_run_keeps_primary(tiny_llama):
+    prompt = make_prompt(2, 7)
+    golden = tiny_llama.generate(prompt, **GREEDY)
+
+    class CorruptSecondCall(CorruptPromptCalls):
+        def __call__(self, module, args, output):
+            if output.shape[1] < 2:
+                return None
+            self.fired += 1
+            if self.fired != 2:
+                return None
+            output = output.clone()
+            output[0, -1, 3] = 1.0e4
+            return output
+
+    tokens, call = run_protected(
+        tiny_llama, prompt, DualFirstToken(), tiny_llama.model.layers[0].mlp.down_proj, CorruptSecondCall()
+    )
+    (detection,) = call.detections
+    assert detection.action == "voted"
+    assert "agrees with the primary run" in detection.detail
+    assert torch.equal(tokens, golden)
+
+
+def test_three_different_runs_unresolved(tiny_llama):
+    corrupt = CorruptPromptCalls(row=0, times=3)
+    _, call = run_protected(
+        tiny_llama, make_prompt(1, 7), DualFirstToken(), tiny_llama.model.layers[0].mlp.down_proj, corrupt
+    )
+    assert corrupt.fired == 3
+    (detection,) = call.detections
+    assert detection.action == "none"
+
+
+def test_vote_disabled_only_reports(tiny_llama):
+    corrupt = CorruptPromptCalls(row=0)
+    _, call = run_protected(
+        tiny_llama, make_prompt(1, 7), DualFirstToken(vote=False), tiny_llama.model.layers[0].mlp.down_proj, corrupt
+    )
+    (detection,) = call.detections
+    assert detection.action == "none"
+    assert call.extra_forward_passes == 1
+
+
+def test_persistent_fault_reported_as_agreed(tiny_llama):
+    """A fault in every run (like a corrupted weight) is not outvoted: the report says so."""
+
+    def always_nan(module, args, output):
+        output = output.clone()
+        output[0, -1, 0] = float("nan")
+        return output
+
+    _, call = run_protected(tiny_llama, make_prompt(2, 7), DualFirstToken(), tiny_llama.model.layers[0].mlp.down_proj, always_nan)
+    actions = {(d.row, d.check, d.action) for d in call.detections}
+    assert actions == {(0, "nonfinite_logits", "agreed")}
+
+
+def test_left_padded_batch_fault(tiny_llama):
+    prompt = make_prompt(3, 8, seed=2)
+    mask = torch.ones_like(prompt)
+    prompt[0, :4] = 0
+    mask[0, :4] = 0
+    golden = tiny_llama.generate(prompt, attention_mask=mask, **GREEDY)
+    corrupt = CorruptPromptCalls(row=0)
+    tokens, call = run_protected(
+        tiny_llama, prompt, DualFirstToken(), tiny_llama.model.layers[1].self_attn.o_proj, corrupt, attention_mask=mask
+    )
+    assert [d.row for d in call.detections] == [0]
+    assert torch.equal(tokens, golden)
+
+
+def test_kv_only_difference_detected(tiny_llama):
+    """A prefill fault that leaves the first token alone still changes the KV checksum."""
+    prompt = make_prompt(1, 8)
+    golden = tiny_llama.generate(prompt, **GREEDY)
+
+    class CorruptKeyAtPrefill:
+        fired = 0
+
+        def __call__(self, module, args, output):
+            if self.fired or output.shape[1] < 2:
+                return None
+            self.fired += 1
+            output = output.clone()
+            output[0, 1, 0] += 0.5
+            return output
+
+    tokens, call = run_protected(
+        tiny_llama, prompt, DualFirstToken(), tiny_llama.model.layers[1].self_attn.k_proj, CorruptKeyAtPrefill()
+    )
+    assert [d.action for d in call.detections] == ["voted"]
+    assert torch.equal(tokens, golden)
+
+
+def test_injected_first_token_fault_recovered(tiny_llama):
+    prompt = make_prompt(3, 7)
+    golden = tiny_llama.generate(prompt, **GREEDY)
+    spec = FaultSpec.from_dict(
+        {"site": {"role": "down_proj", "layers": [1]}, "time": {"stage": "first_token", "row": 1},
+         "corruption": {"field": "exponent_msb"}}
+    )
+    faults = resolve_faults(tiny_llama, spec, seed=3, n=1, prompt_length=7, max_new_tokens=6, batch_size=3)
+    injector = Injector(tiny_llama)
+    guard.protect(tiny_llama, DualFirstToken())
+    try:
+        with injector.armed(faults):
+            tokens = tiny_llama.generate(prompt, **GREEDY)
+        call = guard.get_report(tiny_llama).last_call
+    finally:
+        guard.unprotect(tiny_llama)
+    assert len(injector.fired) == 1
+    assert [(d.row, d.action) for d in call.detections] == [(1, "voted")]
+    assert torch.equal(tokens, golden)
+
+
+def test_plain_forward_not_duplicated(tiny_llama):
+    guard.protect(tiny_llama, DualFirstToken())
+    try:
+        tiny_llama(make_prompt(1, 5))
+        call = guard.get_report(tiny_llama).last_call
+    finally:
+        guard.unprotect(tiny_llama)
+    assert call.extra_forward_passes == 0
