@@ -1,0 +1,93 @@
+"""Resume: a campaign process killed at a random point and rerun ends with the uninterrupted result."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.campaign_fixtures import save_tiny_model_folder
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    return save_tiny_model_folder(tmp_path_factory.mktemp("resume") / "model")
+
+
+def _command(tiny_folder, output_dir):
+    return [
+        sys.executable, "-m", "evals.cli", "ab", "--model", str(tiny_folder), "--trials", "24",
+        "--limit", "4", "--batch-size", "3", "--max-new-tokens", "8", "--arms", "none,abft",
+        "--task-option", "n=4", "--output-dir", str(output_dir), "--no-progress",
+    ]
+
+
+def _run(command) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def _records_without_timing(folder: Path) -> list[dict]:
+    records = []
+    for line in (folder / "trials.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        record.pop("seconds", None)
+        records.append(record)
+    return records
+
+
+def _summary_without_timing(folder: Path) -> dict:
+    summary = json.loads((folder / "summary.json").read_text())
+    for arm in summary["arms"]:
+        arm["overhead"].pop("time_ratio", None)
+    return summary
+
+
+def _kill_after_first_batch(command, output_dir: Path, delay: float) -> int:
+    """Start the run, wait for its first flushed batch, sleep ``delay`` s, then SIGKILL it."""
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    trials = output_dir / "trials.jsonl"
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and process.poll() is None:
+            if trials.exists() and trials.stat().st_size > 0:
+                break
+            time.sleep(0.02)
+        time.sleep(delay)
+    finally:
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=60)
+    return process.returncode
+
+
+@pytest.fixture(scope="module")
+def reference_dir(tiny_folder, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("resume") / "uninterrupted"
+    completed = _run(_command(tiny_folder, folder))
+    assert completed.returncode == 0, completed.stderr
+    return folder
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_killed_campaign_resumes_to_same_result(tiny_folder, reference_dir, tmp_path, seed):
+    resumed_dir = tmp_path / "resumed"
+    delay = random.Random(seed).uniform(0.0, 0.5)
+
+    status = _kill_after_first_batch(_command(tiny_folder, resumed_dir), resumed_dir, delay)
+    partial = len((resumed_dir / "trials.jsonl").read_text().splitlines())
+    rerun = _run(_command(tiny_folder, resumed_dir))
+
+    assert status == -signal.SIGKILL, f"the run finished before the kill (delay {delay:.2f} s)"
+    assert rerun.returncode == 0, rerun.stderr
+    assert partial < len(_records_without_timing(reference_dir))
+    assert _records_without_timing(resumed_dir) == _records_without_timing(reference_dir)
+    assert _summary_without_timing(resumed_dir) == _summary_without_timing(reference_dir)
