@@ -269,11 +269,17 @@ def run_program(
 ) -> SandboxResult:
     """Run ``code`` as a Python program in a sandboxed subprocess and return its result.
 
-    ``timeout_s`` is the wall-clock limit (the CPU-time limit is one second more, rounded up),
-    ``memory_mb`` the address-space limit, ``max_processes`` the number of child processes the
-    program may create (0 blocks fork, exec and spawn), ``max_output_bytes`` how much of the
-    end of stdout and of stderr is kept, and ``max_file_mb`` the size limit of any file the
-    program writes. The temporary working directory is removed afterwards.
+    Limits:
+
+    - ``timeout_s``: wall-clock seconds; the CPU-time limit is that, rounded up, plus one.
+    - ``memory_mb``: address space (RLIMIT_AS and RLIMIT_DATA) in MiB.
+    - ``max_processes``: 0 blocks fork, exec and spawn. A positive value allows them and caps
+      RLIMIT_NPROC at the user's current process count plus this value, which the kernel
+      does not enforce for root.
+    - ``max_output_bytes``: how much of the end of stdout and of stderr is kept.
+    - ``max_file_mb``: size limit (RLIMIT_FSIZE) of any file the program writes.
+
+    The temporary working directory is removed afterwards.
     """
     if not isinstance(code, str):
         raise ConfigError(f"code must be a str of Python source; got {type(code).__name__}.")

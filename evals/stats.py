@@ -224,7 +224,7 @@ def bootstrap_ci(
 ) -> Estimate:
     """Return ``statistic(data)`` with a percentile bootstrap confidence interval.
 
-    ``data`` holds one item per independent unit: a number, or a tuple for paired data (for
+    ``data`` contains one item per independent unit: a number, or a tuple for paired data (for
     example (correct_without, correct_with) per trial), so a resample keeps each pair together.
     Resamples whose statistic is NaN (such as a ratio with a zero denominator) are left out;
     if all are, the bounds are NaN.
@@ -336,7 +336,7 @@ def recovered_fraction(
 def ratio_spread(samples: Sequence[float] | Sequence[tuple[float, float]]) -> RatioSpread:
     """Return the median and interquartile range of per-repetition ratios.
 
-    ``samples`` holds either the ratios or (numerator, denominator) pairs, for example
+    ``samples`` contains either the ratios or (numerator, denominator) pairs, for example
     (protected seconds, unprotected seconds) of one interleaved repetition. Quartiles use
     linear interpolation between order statistics (NumPy's default "linear" method).
     """

@@ -110,7 +110,8 @@ def test_arithmetic_targets_correct():
         expected = {"+": a + b, "-": a - b, "*": a * b}[op]
         assert example.target == str(expected)
         assert example.input == f"What is {a} {op} {b}?"
-        assert a < 1000 and b < 1000
+        assert a < 1000
+        assert b < 1000
 
 
 def test_arithmetic_subtraction_non_negative():

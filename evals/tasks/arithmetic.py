@@ -109,7 +109,12 @@ class ArithmeticTask(Task):
         self._check_setup()
 
     def _make_example(self, index: int, a: int, operator: str, b: int) -> Example:
-        result = a + b if operator == "+" else a - b if operator == "-" else a * b
+        if operator == "+":
+            result = a + b
+        elif operator == "-":
+            result = a - b
+        else:
+            result = a * b
         return Example(
             id=f"arithmetic-{self.seed}-{index}",
             input=f"What is {a} {operator} {b}?",

@@ -230,7 +230,7 @@ class Task:
         return messages
 
     def uses_chat(self, tokenizer: Any) -> bool:
-        """Whether prompts for ``tokenizer`` go through its chat template."""
+        """Return whether prompts for ``tokenizer`` go through its chat template."""
         return self.chat and has_chat_template(tokenizer)
 
     def build_prompt(self, example: Example, n_shots: int = 0, tokenizer: Any = None) -> str:

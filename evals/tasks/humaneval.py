@@ -88,7 +88,7 @@ class HumanEvalTask(Task):
     """HumanEval pass@1: a completion passes when prompt + completion + tests run clean in the sandbox.
 
     Prompts are plain code by default (the model continues the function). With
-    ``chat=True`` and a chat tokenizer, the prompt asks for the completed function and the
+    ``chat=True`` and a chat tokenizer, the prompt requests the completed function and the
     code is taken from the reply's fenced block. ``shot_pool_size`` problems from the end of
     the file are held out as few-shot examples (prompt plus canonical solution).
     """
@@ -169,7 +169,7 @@ class HumanEvalTask(Task):
         return extract_code(text)
 
     def validate(self, completion: str) -> bool:
-        """Return whether the completion holds code that parses, alone or as a function body."""
+        """Return whether the completion contains code that parses, alone or as a function body."""
         code = extract_code(completion)
         if not code.strip():
             return False

@@ -280,7 +280,7 @@ class HFDatasetTask(RecordTask):
     """Examples from a local Hugging Face dataset: a folder written by ``save_to_disk``, or a
     local .json/.jsonl/.csv/.parquet file read with ``datasets.load_dataset``.
 
-    NOTE: hub dataset names are rejected, even when the local cache holds them, so that an
+    NOTE: hub dataset names are rejected, even when the local cache contains them, so that an
     evaluation never reaches the network; pass the path of a saved copy instead.
     """
 
