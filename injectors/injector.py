@@ -1,7 +1,7 @@
 """The fault injector: arms concrete faults on a model for the span of one or more ``generate`` calls.
 
 Computation faults corrupt one call of one module's output through a forward hook registered
-with ``prepend=True``, so every checking hook of a mitigation sees the corrupted value. Weight
+with ``prepend=True``, so every checking hook of a mitigation reads the corrupted value. Weight
 faults edit a parameter element at the start of their forward pass and restore it byte for
 byte at its end (transient) or when the faults are removed (persistent). KV-cache faults
 edit ``cache.layers[l].keys`` / ``.values`` after the pass that writes the position, so the
@@ -236,7 +236,7 @@ class Injector:
                 targets.setdefault(fault.module, []).append(fault)
         for name, faults in targets.items():
             hook = self._make_output_hook(name, faults)
-            # prepend=True: the fault happens inside the module, before any checker sees the output.
+            # prepend=True: the fault happens inside the module, before any checker reads the output.
             state.handles.append(modules[name].register_forward_hook(hook, prepend=True))
 
         if any(fault.kind == "kv_cache" for fault in state.faults):

@@ -307,6 +307,8 @@ def list_sites(model: nn.Module) -> list[Site]:
                         output_index=index if len(outputs) > 1 else None,
                     )
                 )
+        # NOTE: tied parameters (lm_head and embed_tokens in SmolLM2) appear once per module
+        # but share storage, so a fault in either corrupts both.
         for param_name, parameter in module.named_parameters(recurse=False):
             if not torch.is_floating_point(parameter):
                 continue
