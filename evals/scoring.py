@@ -9,6 +9,8 @@ forward scores every continuation of a context; under the stage convention this 
 from __future__ import annotations
 
 import logging
+import math
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -118,9 +120,41 @@ def score_choices_loglik(
 
 def pick_choice(logliks: Sequence[float]) -> int:
     """Return the index of the highest finite log-likelihood (the first on ties), or -1 if none is finite."""
-    best, best_value = -1, float("-inf")
+    best, best_value = -1, -math.inf
     for index, value in enumerate(logliks):
         value = float(value)
-        if value == value and value not in (float("inf"), float("-inf")) and value > best_value:
+        if math.isfinite(value) and value > best_value:
             best, best_value = index, value
     return best
+
+
+@dataclass(frozen=True)
+class ChoiceScore:
+    """Result of scoring one multiple-choice example: per-choice log-likelihoods, the pick, the score.
+
+    ``choice`` is -1 when no log-likelihood is finite (a corrupted forward); ``nonfinite``
+    is true when any of them is NaN or infinite, which campaigns count as a crash.
+    """
+
+    logliks: list[float]
+    choice: int
+    score: float
+    nonfinite: bool
+
+
+def score_multiple_choice(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    task: Any,
+    example: Any,
+    n_shots: int = 0,
+    *,
+    batch_size: int | None = None,
+) -> ChoiceScore:
+    """Score a multiple-choice ``example`` of ``task`` by log-likelihood with forward passes."""
+    context, continuations = task.choice_texts(example, n_shots, tokenizer)
+    logliks = score_choices_loglik(model, tokenizer, context, continuations, batch_size=batch_size)
+    choice = pick_choice(logliks)
+    score = 0.0 if choice < 0 else float(task.score_choice(example, choice))
+    nonfinite = not all(math.isfinite(value) for value in logliks)
+    return ChoiceScore(logliks, choice, score, nonfinite)

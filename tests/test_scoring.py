@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from evals.scoring import encode_text, pick_choice, score_choices_loglik
+from evals.scoring import encode_text, pick_choice, score_choices_loglik, score_multiple_choice
 from evals.tasks import get_task
 from guard.errors import ConfigError
 from tests.tiny_models import VOCAB_SIZE, make_tiny_model
@@ -129,3 +129,35 @@ def test_loglik_smollm2_easy_item(smollm2, bigbench_dir):
     assert len(scores) == len(example.choices)
     assert all(math.isfinite(s) for s in scores)
     assert example.choices[pick_choice(scores)] == "four"
+
+
+def test_score_multiple_choice_tiny(tiny, tmp_path):
+    path = tmp_path / "mc.jsonl"
+    path.write_text('{"input": "Pick", "choices": ["aa", "bbb", "c"], "correct": 2}\n', encoding="utf-8")
+    task = get_task("jsonl", path=str(path), shot_pool_size=0)
+    example = task.examples()[0]
+    result = score_multiple_choice(tiny, CharTokenizer(), task, example)
+    assert len(result.logliks) == 3
+    assert result.nonfinite is False
+    assert result.choice == pick_choice(result.logliks)
+    assert result.score == (1.0 if result.choice == 2 else 0.0)
+
+
+def test_score_multiple_choice_nan_is_flagged(tiny, tmp_path):
+    path = tmp_path / "mc.jsonl"
+    path.write_text('{"input": "Pick", "choices": ["x", "y"], "correct": 0}\n', encoding="utf-8")
+    task = get_task("jsonl", path=str(path), shot_pool_size=0)
+    handle = tiny.lm_head.register_forward_hook(lambda module, inputs, output: output * float("nan"))
+    try:
+        result = score_multiple_choice(tiny, CharTokenizer(), task, task.examples()[0])
+    finally:
+        handle.remove()
+    assert result.nonfinite is True
+    assert result.choice == -1
+    assert result.score == 0.0
+
+
+def test_score_multiple_choice_needs_choices(tiny):
+    task = get_task("arithmetic", n=1)
+    with pytest.raises(ConfigError, match="choice_texts needs a multiple-choice example"):
+        score_multiple_choice(tiny, CharTokenizer(), task, task.examples()[0])

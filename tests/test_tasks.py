@@ -373,3 +373,29 @@ def test_hf_bad_row_named(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "datasets", _fake_datasets(rows))
     with pytest.raises(ConfigError, match="split 'train' row 1: field 'input or prompt or question'"):
         get_task("hf", path=str(tmp_path))
+
+
+def test_hf_real_saved_dataset(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    source = write_jsonl(tmp_path / "rows.jsonl", [
+        {"question": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(6)
+    ])
+    folder = tmp_path / "saved"
+    # Built through load_dataset: Dataset.from_dict fails to fingerprint with datasets 5.2 and
+    # pyarrow 26 (a PicklingError on MonthDayNano).
+    datasets.load_dataset("json", data_files={"test": str(source)}).save_to_disk(str(folder))
+    task = get_task("hf", path=str(folder), split="test", shot_pool_size=2)
+    assert len(task.examples()) == 4
+    assert task.kind == "generative"
+    example = task.examples()[0]
+    assert task.score(example, f" {example.target}") == 1.0
+
+
+def test_hf_real_jsonl_file(tmp_path):
+    pytest.importorskip("datasets")
+    path = write_jsonl(tmp_path / "mc.jsonl", [
+        {"input": f"Pick {w}", "choices": ["red", "blue"], "label": i} for i, w in enumerate(["red", "blue"])
+    ])
+    task = get_task("hf", path=str(path), shot_pool_size=0)
+    assert task.kind == "multiple_choice"
+    assert [e.correct for e in task.examples()] == [[0], [1]]
