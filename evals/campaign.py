@@ -14,6 +14,7 @@ size, the arm or how the work is split across processes.
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 import itertools
 import logging
 import os
@@ -46,7 +47,7 @@ class WorkUnit:
 
 
 def plan_units(n_inputs: int, trials: int, trials_per_batch: int) -> list[WorkUnit]:
-    """Spread ``trials`` round-robin over ``n_inputs`` inputs and cut each input's trials into batches."""
+    """Spread ``trials`` round-robin over ``n_inputs`` inputs and cut each input's trials into even batches."""
     if n_inputs < 1:
         raise ConfigError("The task produced no inputs. Check the task options or raise --limit.")
     per_input: list[list[int]] = [[] for _ in range(n_inputs)]
@@ -54,8 +55,13 @@ def plan_units(n_inputs: int, trials: int, trials_per_batch: int) -> list[WorkUn
         per_input[trial % n_inputs].append(trial)
     units: list[WorkUnit] = []
     for input_index, ids in enumerate(per_input):
-        for start in range(0, len(ids), trials_per_batch):
-            units.append(WorkUnit(len(units), input_index, tuple(ids[start : start + trials_per_batch])))
+        # Even batches: 32 trials at 31 per batch become 16 + 16, not 31 + 1.
+        batches = -(-len(ids) // trials_per_batch)
+        start = 0
+        for batch in range(batches):
+            size = len(ids) // batches + (1 if batch < len(ids) % batches else 0)
+            units.append(WorkUnit(len(units), input_index, tuple(ids[start : start + size])))
+            start += size
     return units
 
 
@@ -230,6 +236,127 @@ def run_batch(
         watch.remove()
         passes.remove()
 
+    return _collect_rows(model, tokenizer, sequences, input_ids.shape[1], rows, watch, injector, error, seconds, passes.count)
+
+
+def prefix_reuse_supported() -> bool:
+    """Whether this transformers version has the Cache methods that prefix reuse needs."""
+    try:
+        from transformers import DynamicCache
+    except ImportError:
+        return False
+    return all(hasattr(DynamicCache, name) for name in ("crop", "batch_repeat_interleave", "get_seq_length"))
+
+
+def reusable_step(faults_by_row: list[Any | None]) -> int | None:
+    """Return the first forward any fault of the batch touches, when it is a decode step; else None.
+
+    Forwards before that step are fault-free in every row, so they equal the golden run.
+    Persistent weight faults act from forward 0 and are never reusable.
+    """
+    faults = [fault for fault in faults_by_row if fault is not None]
+    if not faults or any(getattr(fault, "persistent", False) for fault in faults):
+        return None
+    first = min(int(fault.forward) for fault in faults)
+    return first if first >= 1 else None
+
+
+def run_batch_from_prefix(
+    model,
+    tokenizer,
+    prompt_ids: torch.Tensor,
+    faults_by_row: list[Any | None],
+    max_new_tokens: int,
+    golden: tuple[torch.Tensor, Any] | None = None,
+) -> BatchResult:
+    """Run a batch like :func:`run_batch`, but start at the first faulty decode step.
+
+    ``golden`` is ``(sequences, cache)`` of the fault-free run of the same prompt with the
+    same number of rows (see :func:`golden_prefix`); its cache, cropped to the forwards before
+    the step, replaces those forwards. The golden run must have the trial batch's row count:
+    CPU matrix kernels round differently for different batch sizes, so a batch-of-one cache
+    would differ from the batch's own in the last bits. Falls back to a full run when no
+    fault sits in a decode step or the golden run ended before that step.
+    """
+    import copy
+
+    from guard.stages import StageTracker
+
+    step = reusable_step(faults_by_row)
+    rows = len(faults_by_row)
+    if step is None:
+        return run_batch(model, tokenizer, prompt_ids, faults_by_row, max_new_tokens)
+    device = _model_device(model)
+    prompt_ids = prompt_ids.to(device)
+    prompt_length = prompt_ids.shape[1]
+    started = time.perf_counter()
+    if golden is None:
+        golden = golden_prefix(model, tokenizer, prompt_ids, rows, max_new_tokens)
+    sequences, golden_cache = golden
+    generated = sequences.shape[1] - prompt_length
+    if sequences.shape[0] != rows or step > min(generated, max_new_tokens) - 1:
+        return run_batch(model, tokenizer, prompt_ids, faults_by_row, max_new_tokens)
+
+    # The cache before forward k holds the prompt and generated tokens 1..k-1.
+    cache = copy.deepcopy(golden_cache)
+    surplus = cache.get_seq_length() - (prompt_length + step - 1)
+    if surplus > 0:
+        cache.crop(-surplus)
+    input_ids = sequences[:, : prompt_length + step]  # [rows, prompt_length + step]
+    generate_kwargs = {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        cache_keyword(model): cache,
+        "max_new_tokens": max_new_tokens - step,
+    }
+    faults = [fault for fault in faults_by_row if fault is not None]
+    tracker = StageTracker.attach(model)
+    watch = _NonFiniteWatch(model, rows)
+    passes = _PassCounter(model)
+    injector = _default_injector(model)
+    error = None
+    output = None
+    try:
+        with injector.armed(faults):
+            tracker.start_sequence(step)
+            pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            with torch.inference_mode():
+                output = model.generate(**generate_kwargs, do_sample=False, pad_token_id=pad_id)
+    except (RuntimeError, ValueError, FloatingPointError, IndexError) as caught:
+        error = f"{type(caught).__name__}: {caught}"
+    finally:
+        seconds = time.perf_counter() - started
+        watch.remove()
+        passes.remove()
+        tracker.detach()
+    return _collect_rows(model, tokenizer, output, prompt_length, rows, watch, injector, error, seconds, passes.count)
+
+
+def cache_keyword(model) -> str:
+    from evals.prefix import cache_keyword as keyword
+
+    return keyword(model)
+
+
+def golden_prefix(model, tokenizer, prompt_ids: torch.Tensor, rows: int, max_new_tokens: int) -> tuple[torch.Tensor, Any]:
+    """Run ``rows`` fault-free copies of the prompt and return their sequences and KV cache."""
+    from evals.prefix import golden_cache_of
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    input_ids = prompt_ids.to(_model_device(model)).repeat(rows, 1)
+    with torch.inference_mode():
+        output = model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad_id,
+            return_dict_in_generate=True,
+        )
+    return output.sequences, golden_cache_of(output)
+
+
+def _collect_rows(model, tokenizer, sequences, prompt_length, rows, watch, injector, error, seconds, forward_passes) -> BatchResult:
     eos_ids = eos_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id
     fired_by_row = _fired_by_row(injector)
@@ -238,13 +365,10 @@ def run_batch(
         if sequences is None:
             results.append(RowResult([], "", nonfinite=bool(watch.flags[row]), error=error))
             continue
-        generated = sequences[row, input_ids.shape[1] :].tolist()
-        tokens = strip_generation(generated, eos_ids, pad_id)
+        tokens = strip_generation(sequences[row, prompt_length:].tolist(), eos_ids, pad_id)
         text = tokenizer.decode(tokens, skip_special_tokens=True)
-        results.append(
-            RowResult(tokens, text, nonfinite=bool(watch.flags[row]), fired=fired_by_row.get(row, []))
-        )
-    return BatchResult(results, seconds, passes.count)
+        results.append(RowResult(tokens, text, nonfinite=bool(watch.flags[row]), fired=fired_by_row.get(row, [])))
+    return BatchResult(results, seconds, forward_passes)
 
 
 def _greedy_generate(model, tokenizer, input_ids, attention_mask, max_new_tokens):
@@ -451,6 +575,19 @@ class CampaignContext:
     inputs: list[PreparedInput]
     max_new_tokens: int
     planner: FaultPlanner
+    # Number of batches per (input index, rows): prefix reuse pays only from two batches on.
+    batches_per_shape: dict = field(default_factory=dict)
+    _golden: dict = field(default_factory=dict)
+
+    def golden_prefix(self, prepared: PreparedInput, rows: int) -> tuple[torch.Tensor, Any]:
+        """Return the golden (sequences, KV cache) of an input at ``rows`` rows; only the latest is kept."""
+        key = (prepared.index, rows)
+        if key not in self._golden:
+            self._golden.clear()
+            self._golden[key] = golden_prefix(
+                self.model, self.tokenizer, prepared.prompt_ids, rows, self.max_new_tokens
+            )
+        return self._golden[key]
 
 
 def _detections_by_row(reports: list, rows: int, one_call_per_row: bool = False) -> dict[int, list[dict]]:
@@ -491,6 +628,11 @@ def run_unit(context: CampaignContext, unit: WorkUnit, arm: str) -> list[dict[st
         protected.reset_report()
         if config.weight_faults:
             batch = _run_rows_alone(context, prepared, faults)
+        elif _use_prefix(context, prepared, faults):
+            batch = run_batch_from_prefix(
+                context.model, context.tokenizer, prepared.prompt_ids, faults, context.max_new_tokens,
+                golden=context.golden_prefix(prepared, len(faults)),
+            )
         else:
             batch = run_batch(context.model, context.tokenizer, prepared.prompt_ids, faults, context.max_new_tokens)
         first_calls = protected.call_reports()
@@ -550,6 +692,17 @@ def run_unit(context: CampaignContext, unit: WorkUnit, arm: str) -> list[dict[st
             }
         )
     return records
+
+
+def _use_prefix(context: CampaignContext, prepared: PreparedInput, faults: list) -> bool:
+    # NOTE: only unprotected arms reuse the prefix. Mitigations act on forward 0 (dual
+    # first-token) or rerun generate with its inputs (dynamic shots), which a pre-filled
+    # cache would break, and every arm of an A/B run must do the same work for fair timing.
+    if not context.config.prefix_reuse or any(parse_arm(name) for name in context.config.arms):
+        return False
+    if context.batches_per_shape.get((prepared.index, len(faults)), 0) < 2:
+        return False
+    return prefix_reuse_supported() and reusable_step(faults) is not None
 
 
 def _shot_counts(task) -> list[int]:
@@ -741,6 +894,7 @@ def run_campaign(
     context = _build_context(config, model, tokenizer, task)
     units = plan_units(len(context.inputs), config.trials, config.trials_per_batch)
     mine = shard_units(units, dist.rank, dist.world_size)
+    context.batches_per_shape = dict(Counter((unit.input_index, len(unit.trial_ids) + 1) for unit in mine))
     done = store.done_keys()
     store.prepare_append()
 

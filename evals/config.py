@@ -36,7 +36,8 @@ DTYPE_CHOICES = ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
 
 # Fields that do not change any trial result: they stay out of the fingerprint, so a run can
 # be resumed into the same folder with a different progress setting or output path spelling.
-_NOT_FINGERPRINTED = frozenset({"output_dir", "progress"})
+# prefix_reuse is a speed setting: reused-prefix trials give the tokens of fresh ones.
+_NOT_FINGERPRINTED = frozenset({"output_dir", "progress", "prefix_reuse"})
 
 
 def parse_arm(label: str) -> tuple[str, ...]:
@@ -68,7 +69,8 @@ class CampaignConfig:
     ``trials`` faulty trials are spread round-robin over the first ``limit`` inputs of the
     task. Each ``generate`` call holds ``batch_size`` rows of one prompt: one fault-free
     reference row and ``batch_size - 1`` trials. ``arms`` lists the mitigation sets to
-    compare on identical faults; a plain campaign has one arm.
+    compare on identical faults; a plain campaign has one arm. ``prefix_reuse`` starts
+    decode-step trials from the golden run's KV cache instead of recomputing the prompt.
     """
 
     model: str = "smollm2-135m"
@@ -87,6 +89,7 @@ class CampaignConfig:
     device: str = "cpu"
     output_dir: str = "softguard-runs/campaign"
     progress: bool = True
+    prefix_reuse: bool = True
 
     def __post_init__(self) -> None:
         _require_text("model", self.model)
@@ -114,6 +117,8 @@ class CampaignConfig:
         _require_text("output_dir", self.output_dir)
         if not isinstance(self.progress, bool):
             raise ConfigError(f"progress={self.progress!r} must be true or false.")
+        if not isinstance(self.prefix_reuse, bool):
+            raise ConfigError(f"prefix_reuse={self.prefix_reuse!r} must be true or false.")
         if isinstance(self.arms, str):
             self.arms = [part.strip() for part in self.arms.split(",")]
         if not isinstance(self.arms, (list, tuple)) or not self.arms:

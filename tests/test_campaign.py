@@ -304,3 +304,56 @@ def test_parse_arm_repeated_name():
 def test_fingerprint_ignores_output_dir():
     assert CampaignConfig(output_dir="a").fingerprint() == CampaignConfig(output_dir="b").fingerprint()
     assert CampaignConfig(seed=1).fingerprint() != CampaignConfig(seed=2).fingerprint()
+
+
+def test_plan_units_even_batches():
+    units = plan_units(n_inputs=1, trials=32, trials_per_batch=31)
+
+    assert [len(unit.trial_ids) for unit in units] == [16, 16]
+
+
+# ----- prefix reuse -----------------------------------------------------------------------
+
+DECODE_FAULT = {"site": {"role": "down_proj"}, "time": {"stage": "decode"}, "corruption": {"field": "exponent_msb"}}
+
+
+def test_prefix_batch_equals_fresh_batch():
+    from evals.campaign import golden_prefix, run_batch_from_prefix
+
+    model = make_tiny_model("llama")
+    prompt = make_prompt(length=20, seed=4)
+    planner = FaultPlanner(model, DECODE_FAULT, seed=0, max_new_tokens=10)
+    faults = [None] + [planner.for_row(trial, 20, row) for row, trial in enumerate(range(6), start=1)]
+    golden = golden_prefix(model, _IdTokenizer(), prompt, len(faults), 10)
+
+    fresh = run_batch(model, _IdTokenizer(), prompt, faults, 10)
+    reused = run_batch_from_prefix(model, _IdTokenizer(), prompt, faults, 10, golden=golden)
+
+    assert [row.tokens for row in reused.rows] == [row.tokens for row in fresh.rows]
+    assert [row.fired for row in reused.rows] == [row.fired for row in fresh.rows]
+    assert reused.forward_passes < fresh.forward_passes
+
+
+def test_prefix_reuse_skipped_for_first_token():
+    from evals.campaign import reusable_step
+
+    model = make_tiny_model("llama")
+    planner = FaultPlanner(model, FIRST_TOKEN_FAULT, seed=0, max_new_tokens=6)
+
+    assert reusable_step([None, planner.for_row(0, 8, 1)]) is None
+    assert reusable_step([None]) is None
+
+
+def test_campaign_prefix_reuse_same_records(tiny_folder, loaded, tmp_path):
+    # Two inputs with 4 batches each, so every batch after the first reuses the golden prefix.
+    settings = dict(fault=DECODE_FAULT, max_new_tokens=8, trials=24, limit=2)
+    reused = _run(_config(tiny_folder, tmp_path / "on", **settings), loaded)
+    fresh = _run(_config(tiny_folder, tmp_path / "off", prefix_reuse=False, **settings), loaded)
+
+    def strip(records):
+        return [{k: v for k, v in r.items() if k not in ("seconds", "forward_passes")} for r in records]
+
+    assert strip(reused.records) == strip(fresh.records)
+    reused_passes = sum(r["forward_passes"] for r in reused.records if r["kind"] == "reference")
+    fresh_passes = sum(r["forward_passes"] for r in fresh.records if r["kind"] == "reference")
+    assert reused_passes < fresh_passes
