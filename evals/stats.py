@@ -319,18 +319,33 @@ def recovered_fraction(
             f"arm {len(arm)}). Pass the scores of the same trials for every arm."
         )
 
-    def statistic(rows: list[tuple[float, float, float]]) -> float:
-        count = len(rows)
-        return _recovered(
-            math.fsum(r[0] for r in rows) / count,
-            math.fsum(r[1] for r in rows) / count,
-            math.fsum(r[2] for r in rows) / count,
-        )
-
-    return bootstrap_ci(
-        list(zip(golden, none, arm)), statistic,
-        n_resamples=n_resamples, seed=seed, confidence=confidence,
-    )
+    confidence = _check_confidence(confidence)
+    n_resamples = _check_count("n_resamples", n_resamples)
+    if n_resamples < 1:
+        raise ConfigError("n_resamples=0 is too small. Pass at least 1 (1000 or more is usual).")
+    n = len(golden)
+    if n == 0:
+        return Estimate(math.nan, math.nan, math.nan, 0)
+    point = _recovered(math.fsum(golden) / n, math.fsum(none) / n, math.fsum(arm) / n)
+    # Paired bootstrap, vectorized: each resample draws trial indices once for all three arms.
+    scores = np.asarray([golden, none, arm], dtype=np.float64)  # [3, n]
+    generator = np.random.default_rng(seed)
+    # Blocks of resamples bound memory to about 3 * block * n floats.
+    block = max(1, min(n_resamples, 2_000_000 // n))
+    parts = []
+    for start in range(0, n_resamples, block):
+        indices = generator.integers(0, n, size=(min(block, n_resamples - start), n))
+        parts.append(scores[:, indices].mean(axis=2))  # [3, block]
+    means = np.concatenate(parts, axis=1)  # [3, n_resamples]
+    lost = means[0] - means[1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        replicates = np.where(lost != 0, (means[2] - means[1]) / lost, np.nan)
+    replicates = replicates[~np.isnan(replicates)]
+    if replicates.size == 0:
+        return Estimate(point, math.nan, math.nan, n)
+    alpha = (1.0 - confidence) / 2.0
+    low, high = np.quantile(replicates, [alpha, 1.0 - alpha])
+    return Estimate(point, float(low), float(high), n)
 
 
 def ratio_spread(samples: Sequence[float] | Sequence[tuple[float, float]]) -> RatioSpread:

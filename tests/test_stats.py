@@ -215,3 +215,19 @@ def test_ratio_spread_rejects_zero_denominator():
 def test_ratio_spread_rejects_empty():
     with pytest.raises(ConfigError, match="samples is empty"):
         ratio_spread([])
+
+
+def test_recovered_fraction_no_loss_interval_nan():
+    estimate = recovered_fraction([1, 1, 0], [1, 1, 0], [1, 1, 0], n_resamples=50)
+    assert math.isnan(estimate.value)
+    assert math.isnan(estimate.low)
+    assert estimate.n == 3
+
+
+def test_recovered_fraction_seed_reproducible():
+    golden = [1] * 12
+    none = [0, 1] * 6
+    arm = [1, 1, 0, 1] * 3
+    first = recovered_fraction(golden, none, arm, n_resamples=300, seed=11)
+    second = recovered_fraction(golden, none, arm, n_resamples=300, seed=11)
+    assert first == second
