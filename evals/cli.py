@@ -141,9 +141,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--prompt-tokens", type=int, default=100, help="prompt length in tokens (default: 100)")
     bench.add_argument("--new-tokens", type=int, default=32, help="tokens generated per row (default: 32)")
     bench.add_argument("--repeats", type=int, default=5, help="interleaved repetitions per measurement (default: 5)")
-    bench.add_argument("--campaign-trials", type=int, default=64, help="trials for the campaign throughput runs (default: 64)")
+    bench.add_argument(
+        "--campaign-trials", type=int, default=62,
+        help="trials for the campaign throughput runs (default: 62, two full batches of 31 trials and a reference row)",
+    )
     bench.add_argument("--campaign-batch-size", type=int, default=32, help="rows per batch for the campaign runs (default: 32)")
     bench.add_argument("--sequential-trials", type=int, default=4, help="trials timed in the sequential loop (default: 4)")
+    bench.add_argument(
+        "--prefix-prompt-tokens", type=int, default=200,
+        help="minimum prompt length in tokens for the prefix-reuse runs (default: 200)",
+    )
+    bench.add_argument(
+        "--prefix-trials", type=int, default=15,
+        help="trials per batch in the prefix-reuse runs; four batches are timed (default: 15)",
+    )
     bench.add_argument("--only", help="comma-separated subset of: overhead, campaign, prefix (default: all)")
     bench.add_argument("--json", metavar="PATH", help="also write the results as one JSON object to PATH")
     bench.add_argument("--seed", type=int, default=0, help="seed for prompts and faults (default: 0)")
@@ -393,6 +404,8 @@ def command_bench(args: argparse.Namespace) -> int:
         campaign_trials=args.campaign_trials,
         campaign_batch_size=args.campaign_batch_size,
         sequential_trials=args.sequential_trials,
+        prefix_prompt_tokens=args.prefix_prompt_tokens,
+        prefix_trials=args.prefix_trials,
         parts=tuple(part.strip() for part in args.only.split(",")) if args.only else bench.PARTS,
         seed=args.seed,
     )

@@ -1,0 +1,90 @@
+"""The overhead and throughput benchmark on a tiny model: keys, sizes and correctness flags (no timings)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from evals import bench, cli
+from guard.errors import ConfigError
+from tests.campaign_fixtures import save_tiny_model_folder
+
+REQUIRED_VARIANTS = {"abft", "dual_first_token", "dynamic_shots", "mixed_precision",
+                     "all_linear_abft", "all_four", "injector_idle"}
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    return save_tiny_model_folder(tmp_path_factory.mktemp("bench") / "model")
+
+
+@pytest.fixture(scope="module")
+def results(tiny_folder):
+    options = bench.BenchOptions(
+        model=str(tiny_folder), batch_size=2, prompt_tokens=16, new_tokens=5, repeats=2,
+        campaign_trials=6, campaign_batch_size=4, sequential_trials=2, prefix_prompt_tokens=24, prefix_trials=3,
+    )
+    return bench.run_bench(options)
+
+
+def test_bench_required_keys(results):
+    for key in ("campaign_vs_limit", "campaign_vs_sequential", "prefix_reuse_speedup", "overhead", "sizes", "machine"):
+        assert key in results
+    assert set(results["overhead"]) == REQUIRED_VARIANTS
+    assert all(ratio > 0 for ratio in results["overhead"].values())
+
+
+def test_bench_idle_injector_adds_no_hooks(results):
+    assert results["overhead_detail"]["injector_idle"]["hooks_added"] == 0
+
+
+def test_bench_dual_first_token_one_extra_pass(results):
+    assert results["overhead_detail"]["dual_first_token"]["extra_forward_passes"] == 1
+
+
+def test_bench_abft_memory_counted(results):
+    detail = results["overhead_detail"]
+    assert detail["abft"]["extra_memory_bytes"] > 0
+    assert detail["all_linear_abft"]["extra_memory_bytes"] > detail["abft"]["extra_memory_bytes"]
+
+
+def test_bench_prefix_reuse_same_tokens(results):
+    assert results["prefix_detail"]["tokens_equal_without_reuse"] is True
+    assert results["prefix_detail"]["prompt_tokens"] >= 24
+
+
+def test_bench_json_serializable(results):
+    assert json.loads(json.dumps(results))["sizes"]["campaign_batch_size"] == 4
+
+
+def test_bench_text_lists_variants(results):
+    text = bench.format_results(results)
+
+    assert "campaign_vs_limit" in text
+    assert "all_linear_abft" in text
+
+
+def test_bench_options_reject_small_batch():
+    with pytest.raises(ConfigError, match=r"campaign_batch_size=1 must be an integer >= 2"):
+        bench.BenchOptions(campaign_batch_size=1)
+
+
+def test_bench_options_reject_unknown_part():
+    with pytest.raises(ConfigError, match=r"--only='overheads' is not valid.*Did you mean 'overhead'"):
+        bench.BenchOptions(parts=("overheads",))
+
+
+def test_bench_cli_writes_json(capsys, tiny_folder, tmp_path):
+    target = tmp_path / "bench.json"
+
+    status = cli.main([
+        "bench", "--model", str(tiny_folder), "--batch-size", "2", "--prompt-tokens", "12",
+        "--new-tokens", "3", "--repeats", "1", "--only", "overhead", "--json", str(target),
+    ])
+
+    assert status == 0
+    data = json.loads(target.read_text())
+    assert set(data["overhead"]) == REQUIRED_VARIANTS
+    assert data["campaign_vs_limit"] is None
+    assert "wrote" in capsys.readouterr().out
