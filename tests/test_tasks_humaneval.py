@@ -104,3 +104,24 @@ def test_humaneval_malformed_file_line(tmp_path):
 def test_humaneval_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="is not a file"):
         get_task("humaneval", path=str(tmp_path / "none.jsonl"))
+
+
+class _ChatTokenizer:
+    chat_template = "tagged"
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
+        return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+
+
+def test_humaneval_chat_prompt_requests_function(humaneval):
+    example = humaneval.examples()[0]
+    prompt = humaneval.build_prompt(example, tokenizer=_ChatTokenizer())
+    assert prompt.startswith("<user>Complete the following Python function.")
+    assert example.input in prompt
+    assert prompt.endswith("<assistant>")
+
+
+def test_humaneval_chat_disabled_plain():
+    task = get_task("humaneval", limit=1, chat=False)
+    example = task.examples()[0]
+    assert task.build_prompt(example, tokenizer=_ChatTokenizer()) == example.input

@@ -87,9 +87,10 @@ def build_program(example: Example, completion_code: str) -> str:
 class HumanEvalTask(Task):
     """HumanEval pass@1: a completion passes when prompt + completion + tests run clean in the sandbox.
 
-    Prompts are plain code by default (the model continues the function). With
-    ``chat=True`` and a chat tokenizer, the prompt requests the completed function and the
-    code is taken from the reply's fenced block. ``shot_pool_size`` problems from the end of
+    With a chat tokenizer (and ``chat`` not false) the prompt requests the completed function
+    and the code is taken from the reply's fenced block; SmolLM2-135M-Instruct answered plain
+    code prompts with prose but chat prompts with a fenced function. Otherwise the prompt is
+    the plain code and the model continues the function body. ``shot_pool_size`` problems from the end of
     the file are held out as few-shot examples (prompt plus canonical solution).
     """
 
@@ -106,7 +107,7 @@ class HumanEvalTask(Task):
         shot_pool_size: int | str = 0,
         timeout_s: float | str = 10.0,
         memory_mb: int | str = 1024,
-        chat: bool | str | None = False,
+        chat: bool | str | None = None,
         shot_seed: int | str = 0,
     ) -> None:
         super().__init__(chat=chat, shot_seed=shot_seed)
