@@ -88,8 +88,9 @@ class HumanEvalTask(Task):
     """HumanEval pass@1: a completion passes when prompt + completion + tests run clean in the sandbox.
 
     With a chat tokenizer (and ``chat`` not false) the prompt requests the completed function
-    and the code is taken from the reply's fenced block; SmolLM2-135M-Instruct answered plain
-    code prompts with prose but chat prompts with a fenced function. Otherwise the prompt is
+    and the code is taken from the reply's fenced block. In a check on two problems,
+    SmolLM2-135M-Instruct answered plain code prompts with prose and chat prompts with a
+    fenced function. Without a chat template the prompt is
     the plain code and the model continues the function body. ``shot_pool_size`` problems from the end of
     the file are held out as few-shot examples (prompt plus canonical solution).
     """
