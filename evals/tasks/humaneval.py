@@ -90,9 +90,11 @@ class HumanEvalTask(Task):
     With a chat tokenizer (and ``chat`` not false) the prompt requests the completed function
     and the code is taken from the reply's fenced block. In a check on two problems,
     SmolLM2-135M-Instruct answered plain code prompts with prose and chat prompts with a
-    fenced function. Without a chat template the prompt is
-    the plain code and the model continues the function body. ``shot_pool_size`` problems from the end of
-    the file are held out as few-shot examples (prompt plus canonical solution).
+    fenced function. Without a chat template (or with ``chat=False``) the prompt is the plain
+    code and the model continues the function body.
+
+    ``shot_pool_size`` problems from the end of the file are held out as few-shot examples
+    (prompt plus canonical solution).
     """
 
     name = "humaneval"
