@@ -21,9 +21,9 @@ logger = logging.getLogger(__name__)
 class GuardContext:
     """Shared state of one protected model: stage tracker, report and the call in progress.
 
-    Mitigations record detections with :meth:`record`, wrap their own work in :meth:`timed`
-    so the report can say what protection cost, and read :attr:`call` for the request that
-    is running (None outside any call).
+    Mitigations record detections with :meth:`record` and wrap their own work in
+    :meth:`timed`, so the report shows what protection cost. :attr:`call` is the running
+    request's report (None outside any call).
     """
 
     def __init__(self, model: nn.Module, tracker: StageTracker, report: GuardReport, log: RateLimitedLog):

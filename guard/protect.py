@@ -148,10 +148,11 @@ def protect(
     """Protect ``model`` with ``mitigations`` and return the same object.
 
     ``mitigations`` is a registered name, a Mitigation object or a list of both; None applies
-    :data:`DEFAULT_MITIGATIONS`. Keyword options are either config keywords for a mitigation
-    given by name (``abft={"roles": ["down_proj"]}``) or guard settings: ``max_report_calls``
-    (call reports kept, default 10000), ``log_burst`` and ``log_window_s`` (at most that many
-    detection warnings per mitigation and check in each window, default 10 per 60 s).
+    :data:`DEFAULT_MITIGATIONS`. A keyword named after a mitigation given by name takes its
+    config keywords (``abft={"roles": ["down_proj"]}``). The guard settings are
+    ``max_report_calls`` (call reports kept, default 10000) and ``log_burst`` with
+    ``log_window_s`` (detection warnings per mitigation and check in each window, default 10
+    per 60 s).
     Mitigations compose in a fixed order whatever the list order: abft, mixed_precision,
     dual_first_token, dynamic_shots (arithmetic first, whole-request reruns last).
     """

@@ -1,9 +1,9 @@
 """What the guard observed: detections, per-call reports and cumulative totals.
 
-Every mitigation records a :class:`Detection` through the guard, which files it under the
-running :class:`CallReport` (one per protected ``generate`` or plain ``forward`` call) and logs
-it at WARNING level, rate-limited per (mitigation, check) so a burst of faults cannot flood
-the log.
+Every mitigation records a :class:`Detection` through the guard. The guard files it under
+the running :class:`CallReport`, one per protected ``generate`` or plain ``forward`` call. It
+also logs it at WARNING level, rate-limited per (mitigation, check), so a burst of faults
+cannot flood the log.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-# What a mitigation did about a detection.
+# Actions a mitigation can take on a detection.
 ACTIONS = ("corrected", "recomputed", "restored", "rerun", "voted", "agreed", "clamped", "none")
 
 # Actions after which the affected output is believed to be right again.
@@ -59,7 +59,7 @@ class Detection:
 
 @dataclass
 class CallReport:
-    """What happened during one protected ``generate`` or plain ``forward`` call.
+    """Record of one protected ``generate`` or plain ``forward`` call.
 
     ``forward_passes`` counts the passes the caller asked for (decode steps included);
     ``extra_forward_passes`` counts the recomputations the mitigations added (dual first-token

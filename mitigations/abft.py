@@ -5,7 +5,7 @@ obeys ``sum_j y_j = x @ w_c + sum_j b_j`` with the column checksum ``w_c = W.sum
 (``[in]``), precomputed once. A forward hook checks this identity for every output row
 (one row per batch row and position) in float64, so the check itself adds no rounding that
 matters, also for bf16 and fp16 models. A row whose difference exceeds the rounding
-tolerance, or that holds NaN/Inf, is a detection and is corrected by recomputing the layer.
+tolerance, or that contains NaN/Inf, is a detection and is corrected by recomputing the layer.
 
 Tolerance. The computed ``y_j`` differs from the exact value by at most
 ``gamma_n * (|x| @ |W_j|) + u_out * |y_j|`` (``gamma_n = n u / (1 - n u)`` with ``n`` the
@@ -63,11 +63,11 @@ class ABFTConfig(MitigationConfig):
     ``roles``: role names (``o_proj``, ``down_proj``, ``q_proj``, ``lm_head``...) or
     ``"all_linear"``. ``layers``: ``"all"`` or block indices (layers outside the blocks, such as
     ``lm_head``, match only ``"all"``). ``modules``: optional globs on module names.
-    ``stages``: stages whose positions are checked. ``correction``: ``"recompute"`` reruns the
-    layer and takes the mismatching rows (bit-identical to a fault-free run), ``"locate"`` finds
-    a single corrupted element per row with a second, index-weighted checksum and rebuilds it
-    from the checksum (right to within rounding; falls back to recomputation), ``"none"`` only
-    reports. ``scrub``: when to verify the weights' bit checksums.
+    ``stages``: stages whose positions are checked. ``correction="recompute"`` reruns the
+    layer and takes the mismatching rows, bit-identical to a fault-free run.
+    ``"locate"`` finds a single corrupted element per row with a second, index-weighted
+    checksum and rebuilds it from the checksum, right to within rounding, and falls back to
+    recomputation when that fails. ``"none"`` only reports. ``scrub``: when to verify the weights' bit checksums.
     """
 
     roles: Any = ("o_proj", "down_proj")
@@ -232,8 +232,8 @@ class _CheckedLayer:
     def _locate_and_fix(self, x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Fix one corrupted element per failing row in place; return the rows that still fail.
 
-        The corrupted column is ``(weighted difference) / (difference) - 1``; its value is
-        rebuilt as the checksum reference minus the other elements, so it is right to within
+        The corrupted column is ``(weighted difference) / (difference) - 1``. Its value is
+        rebuilt as the checksum reference minus the other elements, which is right to within
         rounding but not necessarily bit-identical to a fault-free product.
         """
         x64 = x.reshape(-1, x.shape[-1])[rows].double()
@@ -278,8 +278,10 @@ class _CheckedLayer:
         for flat_row, difference in zip(rows.tolist(), differences.tolist()):
             batch_row = flat_row // seq_len if seq_len else None
             stage = None
-            if info is not None:
-                stage = str(info.stage_of(flat_row % seq_len)) if seq_len else ("decode" if info.index > 0 else None)
+            if info is not None and seq_len:
+                stage = str(info.stage_of(flat_row % seq_len))
+            elif info is not None and info.index > 0:
+                stage = "decode"
             by_row.setdefault((batch_row, stage), []).append(difference)
         for (batch_row, stage), diffs in by_row.items():
             nonfinite = any(d != d or d == float("inf") for d in diffs)

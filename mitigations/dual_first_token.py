@@ -5,8 +5,8 @@ in forward 0 of ``generate``. After that pass, a hook on the top-level model rer
 inside ``tracker.redundant()`` with a fresh KV cache and compares, per batch row, the first
 token (argmax of the last logits), the logits and a KV-cache checksum. Rows that differ get a
 third run and a majority vote; when the primary run is outvoted, its logits and KV-cache
-rows are overwritten in place with the agreeing run's, so ``generate`` decodes from an
-agreeing state and never knows.
+rows are overwritten in place with the agreeing run's, so ``generate`` continues decoding
+from an agreeing state without any change on its side.
 
 A persistent fault (a corrupted weight) corrupts every run alike, so agreement does not
 prove the pass correct: when the runs agree but the logits are non-finite, the detection
@@ -34,7 +34,7 @@ _CACHE_KEYS = ("cache", "past_key_values")
 
 @dataclass
 class DualFirstTokenConfig(MitigationConfig):
-    """How the redundant prompt pass is compared.
+    """Comparison settings of the redundant prompt pass.
 
     ``logits_atol``: largest absolute logit difference still counted as agreement (0 = exact,
     right for CPU, where the same pass is bit-reproducible; raise it for nondeterministic GPU
@@ -62,7 +62,7 @@ class DualFirstTokenConfig(MitigationConfig):
 
 
 class _Run:
-    """What one prompt pass produced: last-position logits and per-row KV checksums."""
+    """Result of one prompt pass: last-position logits and per-row KV checksums."""
 
     def __init__(self, logits: torch.Tensor, cache: Any, compare_kv: bool):
         self.logits = logits  # [batch, vocab] at the last prompt position
@@ -111,8 +111,8 @@ class DualFirstToken(Mitigation):
             )
         self._model = model
         self._warned_cache = False
-        # prepend=True on the top-level module only: the rerun must start while the stage
-        # tracker still holds forward 0 open, so it counts as a recomputation of that pass.
+        # prepend=True on the top-level module only: the rerun must start while forward 0 is
+        # still open in the stage tracker, so it counts as a recomputation of that pass.
         # Output-corrupting hooks live on submodules and still run before this one.
         handle.add_hook(model.register_forward_hook(self._after_prompt, with_kwargs=True, prepend=True))
         handle.add_cleanup(self._forget)

@@ -1,9 +1,9 @@
 """Dynamic shots: choose the number of few-shot examples per request and retry on suspicion.
 
-A request starts with a number of examples set by the policy and is run again, with a
-different number, when it looks corrupted: a detector of another mitigation fired for its
-row, its logits were non-finite or beyond ``logit_bound``, or the caller's validator rejected
-the answer. The rerun changes the prompt, so a transient fault is not replayed and a fault
+A request starts with a number of examples set by the policy. It is run again, with a
+different number, when it looks corrupted. That is the case when a detector of another
+mitigation fired for its row, when its logits were non-finite or beyond ``logit_bound``, or
+when the caller's validator rejected the output. The rerun changes the prompt, so a transient fault is not replayed and a fault
 that a particular prompt happens to trigger is avoided.
 
 Two ways to use it:
@@ -43,7 +43,7 @@ class DynamicShotsConfig(MitigationConfig):
     ``examples``: ``(input, output)`` pairs, used in order. ``template``: the prompt, with
     ``{examples}`` and ``{query}`` placeholders. ``example_template``: one example, with
     ``{input}`` and ``{output}``. ``policy``: ``fewest_first`` starts at the smallest count in
-    ``shots`` and adds examples on each retry; ``more_on_retry`` and ``fewer_on_retry`` start
+    ``shots`` and adds examples on each retry. ``more_on_retry`` and ``fewer_on_retry`` start
     at ``start`` and move up or down through ``shots``. ``shots``: allowed counts (default
     0 to ``len(examples)``). ``max_retries``: reruns after the first attempt. ``logit_bound``:
     largest acceptable absolute logit (None: only non-finite logits trigger). ``retry_on``:
@@ -126,7 +126,7 @@ class ShotsResult:
     """Outcome of :meth:`DynamicShots.run`.
 
     ``tokens`` are the generated token ids (prompt excluded) of the accepted, or last,
-    attempt; ``retry_reasons`` holds one reason per retry, in order.
+    attempt. ``retry_reasons`` contains one reason per retry, in order.
     """
 
     text: str
@@ -179,8 +179,8 @@ class DynamicShots(Mitigation):
                 "(the number of examples)."
             )
         examples = "".join(
-            self.config.example_template.format(input=given, output=expected)
-            for given, expected in self.config.examples[:n_shots]
+            self.config.example_template.format(input=example_input, output=example_output)
+            for example_input, example_output in self.config.examples[:n_shots]
         )
         return self.config.template.format(examples=examples, query=query)
 
@@ -193,7 +193,7 @@ class DynamicShots(Mitigation):
         """Return why a request should be retried, or None to accept it.
 
         ``detections`` are the detections of this request's row; ``logits`` the logits it was
-        generated from (one tensor or one per step); ``text`` the decoded answer for the
+        generated from (one tensor or one per step); ``text`` the decoded output for the
         validator (None skips the validator).
         """
         for detection in detections:
@@ -224,7 +224,7 @@ class DynamicShots(Mitigation):
     # ----- prompt-level driver ----------------------------------------------------------
 
     def run(self, model: nn.Module, tokenizer: Any, query: str, **generate_kwargs: Any) -> ShotsResult:
-        """Generate an answer to ``query``, retrying with other shot counts when it looks corrupted.
+        """Generate a completion of ``query``, retrying with other shot counts when it looks corrupted.
 
         ``generate_kwargs`` go to ``model.generate`` (the model may be protected; its report's
         detections then count as detector signals). Return the accepted attempt, or the last

@@ -3,9 +3,9 @@
 Two independent parts act on the selected linear layers:
 
 * Compute format. In a bf16 or fp16 model, the selected layers run in ``compute_dtype``
-  (float32 by default) during the selected stages: inputs and parameters are cast up, the
-  product is formed and accumulated in the wider format, and the result is cast back with
-  saturation (clamped to the model format's finite range, so it cannot round to Inf).
+  (float32 by default) during the selected stages. Inputs and parameters are cast up and the
+  product is accumulated in the wider format. The result is cast back with saturation: it is
+  clamped to the model format's finite range, so it cannot round to Inf.
   Parameters are cast on every call rather than copied once, so a corrupted weight in memory
   is used as it is and stays visible to ABFT's weight checksums.
 * Saturating clamp. A forward hook (registered after any fault-injecting hook) bounds each
@@ -55,7 +55,7 @@ class MixedPrecisionConfig(MitigationConfig):
 
     ``compute_dtype``: ``"auto"`` (float32 for bf16/fp16 models, unchanged otherwise),
     ``"float32"``, ``"float64"`` or ``"none"``. ``compute_stages``: stages that use it (the
-    prompt pass holds both prefill and first_token, so selecting either runs the whole pass
+    prompt pass contains both prefill and first_token, so selecting either runs the whole pass
     in the compute format). ``clamp``: ``"profile"``, ``"format_max"``, ``"none"`` or a positive
     number used as the bound for every layer. ``margin``: factor on the profiled maximum.
     ``calibration``: token ids ``[batch, seq]`` for profiling; None draws

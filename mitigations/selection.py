@@ -2,7 +2,7 @@
 
 The role of a layer is the last component of its module name (``q_proj``, ``o_proj``,
 ``down_proj``, ``lm_head``...). GPT-2 style models use ``Conv1D`` with other names, so their
-layers also answer to the Llama-style role they play (``attn.c_proj`` is ``o_proj``,
+layers also match the Llama-style role they play (``attn.c_proj`` is ``o_proj``,
 ``mlp.c_proj`` is ``down_proj``, ``mlp.c_fc`` is ``up_proj``, ``attn.c_attn`` is ``qkv_proj``).
 """
 
@@ -74,7 +74,7 @@ def layer_index(name: str) -> int | None:
 
 
 def roles_of(name: str) -> tuple[str, ...]:
-    """Return the roles a module name answers to: its last component and any alias."""
+    """Return the roles of a module name: its last component and any alias."""
     last = name.rsplit(".", 1)[-1]
     roles = [last]
     for suffix, alias in _GPT2_ALIASES.items():
