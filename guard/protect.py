@@ -203,6 +203,10 @@ def protect(
     state = _GuardState(model, context, resolved)
     installed: list["Mitigation"] = []
     try:
+        # Mitigations install first, so a calibration pass during install is not reported.
+        for mitigation in resolved:
+            mitigation.install(model, context)
+            installed.append(mitigation)
         state.handles.append(tracker.add_listener(on_start=context.on_forward_start))
         # prepend=True: the call must be open before the tracker's listeners count the pass.
         state.handles.append(
@@ -215,9 +219,6 @@ def protect(
                 functools.partial(_after_forward, state), always_call=True
             ).remove
         )
-        for mitigation in resolved:
-            mitigation.install(model, context)
-            installed.append(mitigation)
         state.previous_generate = model.__dict__.get("generate", _MISSING)
         model.generate = _wrap_generate(state, model.generate)
     except BaseException:

@@ -210,6 +210,15 @@ def test_format_max_only_removes_nonfinite(tiny_llama):
     assert call.detections == []
 
 
+def test_calibration_pass_not_reported(tiny_llama):
+    guard.protect(tiny_llama, MixedPrecision())
+    try:
+        calls = guard.get_report(tiny_llama).total_calls
+    finally:
+        guard.unprotect(tiny_llama)
+    assert calls == 0
+
+
 def test_numeric_clamp_bound(tiny_llama):
     guard.protect(tiny_llama, MixedPrecision(clamp=5.0))
     bounds = set(guard.protected_mitigations(tiny_llama)[0].bounds.values())
