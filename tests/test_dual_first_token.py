@@ -127,7 +127,7 @@ def test_vote_disabled_only_reports(tiny_llama):
 
 
 def test_persistent_fault_reported_as_agreed(tiny_llama):
-    """A fault in every run (like a corrupted weight) is not outvoted: the report says so."""
+    """A fault in every run (like a corrupted weight) is not outvoted, and the report marks it "agreed"."""
 
     def always_nan(module, args, output):
         output = output.clone()
