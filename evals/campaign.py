@@ -1,9 +1,9 @@
 """Fault-injection campaigns: batched trials, resumable and shardable, over one or more arms.
 
-Trial ``t`` runs on input ``t % limit``. The trials of one input are cut into batches of
-``batch_size - 1``; each ``generate`` call holds one prompt repeated ``batch_size`` times,
-row 0 fault-free (the reference row, which gives the golden tokens under the exact batch
-composition of the trials) and one trial per other row. Every arm (a set of mitigations, or
+Trial ``t`` runs on input ``t % limit``. The trials of one input are cut into even batches
+of at most ``batch_size - 1``. Each ``generate`` call repeats one prompt over the batch rows.
+Row 0 is fault-free: this reference row gives the golden tokens under the exact batch
+composition of the trials. Every other row carries one trial. Every arm (a set of mitigations, or
 none) runs the same batches with the same resolved faults, arm after arm inside each batch,
 so timing ratios between arms come from interleaved runs.
 
@@ -134,7 +134,7 @@ def build_prompt(task, example, n_shots: int | None, tokenizer):
 
 @dataclass
 class RowResult:
-    """What one batch row produced."""
+    """Output of one batch row: generated tokens, text, fault records and detections."""
 
     tokens: list[int]
     text: str
@@ -272,7 +272,7 @@ def run_batch_from_prefix(
     """Run a batch like :func:`run_batch`, but start at the first faulty decode step.
 
     ``golden`` is ``(sequences, cache)`` of the fault-free run of the same prompt with the
-    same number of rows (see :func:`golden_prefix`); its cache, cropped to the forwards before
+    same number of rows (see :func:`golden_prefix`). Its cache, cropped to the forwards before
     the step, replaces those forwards. The golden run must have the trial batch's row count:
     CPU matrix kernels round differently for different batch sizes, so a batch-of-one cache
     would differ from the batch's own in the last bits. Falls back to a full run when no
@@ -297,7 +297,7 @@ def run_batch_from_prefix(
     if sequences.shape[0] != rows or step > min(generated, max_new_tokens) - 1:
         return run_batch(model, tokenizer, prompt_ids, faults_by_row, max_new_tokens)
 
-    # The cache before forward k holds the prompt and generated tokens 1..k-1.
+    # The cache before forward k contains the prompt and generated tokens 1..k-1.
     cache = copy.deepcopy(golden_cache)
     surplus = cache.get_seq_length() - (prompt_length + step - 1)
     if surplus > 0:
@@ -727,8 +727,8 @@ def _retry_with_other_shots(
 ) -> dict[int, list[int]]:
     """Drive dynamic shots at the prompt level: rerun suspicious rows with another shot count.
 
-    A row is suspicious when its answer fails the task's format check, its logits were
-    non-finite or generate failed; detections of other mitigations already triggered the
+    A row is suspicious when its completion fails the task's format check, its logits were
+    non-finite or generate failed. Detections of other mitigations already triggered the
     guard-level rerun inside ``generate``. Reruns carry no fault, because a transient fault
     does not recur, and run as one batch of the new prompt. Return the shot counts each row
     used (one entry per attempt); rows are updated in place.
@@ -839,7 +839,7 @@ def detect_distributed(device: str) -> Distributed:
 
 @dataclass
 class CampaignResult:
-    """Where the results went and what they hold (records and summary only on rank 0)."""
+    """Result folder and outcome of a run (records and summary only on rank 0)."""
 
     folder: Path
     records: list[dict[str, Any]]
@@ -867,8 +867,8 @@ def run_campaign(
     """Run (or resume) every trial of ``config`` and write the result folder.
 
     ``model``/``tokenizer``/``task`` may be passed in (tests, notebooks); otherwise they are
-    loaded from the config. With several processes each runs its share of the batches into
-    its own shard file; rank 0 merges the shards and writes the summary and plots.
+    loaded from the config. With several processes, each runs its share of the batches into
+    its own shard file. Rank 0 then merges the shards and writes the summary and plots.
     """
     from evals import report
 

@@ -1,8 +1,8 @@
 """Validated settings of a fault-injection campaign or an A/B evaluation.
 
-A campaign is one arm (a set of mitigations, or none) run over the same model, task, fault
-description, seed and trial count; an A/B evaluation is several arms over the same resolved
-faults. Both use :class:`CampaignConfig`. Settings come from flags or a YAML file; every
+A campaign runs one arm (a set of mitigations, or none) over a model, a task, a fault
+description, a seed and a trial count. An A/B evaluation runs several arms over the same
+resolved faults. Both use :class:`CampaignConfig`. Settings come from flags or a YAML file; every
 field is checked on construction and a bad one raises :class:`ConfigError` naming it.
 """
 
@@ -92,6 +92,10 @@ class CampaignConfig:
     prefix_reuse: bool = True
 
     def __post_init__(self) -> None:
+        self._check_scalars()
+        self._check_arms()
+
+    def _check_scalars(self) -> None:
         _require_text("model", self.model)
         _require_text("task", self.task)
         _require_mapping("task_options", self.task_options)
@@ -119,6 +123,8 @@ class CampaignConfig:
             raise ConfigError(f"progress={self.progress!r} must be true or false.")
         if not isinstance(self.prefix_reuse, bool):
             raise ConfigError(f"prefix_reuse={self.prefix_reuse!r} must be true or false.")
+
+    def _check_arms(self) -> None:
         if isinstance(self.arms, str):
             self.arms = [part.strip() for part in self.arms.split(",")]
         if not isinstance(self.arms, (list, tuple)) or not self.arms:

@@ -1,9 +1,9 @@
 """Summaries and plots of a result folder, computed only from its trial records.
 
-``summarize`` turns the records of ``trials.jsonl`` into per-arm statistics: outcome shares,
-fault-free accuracy, accuracy under faults, recovered fraction against the ``none`` arm,
-detection rate, false alarms on fault-free rows, overhead and McNemar's paired test, each with
-its 95% confidence interval and n. ``write_outputs`` writes summary.json, summary.csv,
+``summarize`` turns the records of ``trials.jsonl`` into per-arm statistics, each with its 95%
+confidence interval and n. They are the outcome shares, fault-free accuracy, accuracy under
+faults, recovered fraction against the ``none`` arm, detection rate, false alarms on
+fault-free rows, overhead and McNemar's paired test. ``write_outputs`` writes summary.json, summary.csv,
 summary.md and the PNG plots. Because the summary depends on the records alone, a resumed or
 sharded run gives the same summary as an uninterrupted one (timings aside).
 """

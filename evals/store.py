@@ -1,6 +1,6 @@
 """Result folders: the config guard, append-only trial files, shards and their merge.
 
-A folder holds ``config.json`` and ``trials.jsonl``. Records are appended one batch at a
+A folder contains ``config.json`` and ``trials.jsonl``. Records are appended one batch at a
 time and flushed to disk, so a killed run loses at most the batch in flight; running the
 same command again reads the keys already present and skips them. When several processes
 share a run, each appends to its own ``trials.rank<N>.jsonl`` and :meth:`ResultStore.merge`
