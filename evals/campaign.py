@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 import itertools
+import json
 import logging
 import os
 import time
@@ -620,6 +621,8 @@ def run_unit(context: CampaignContext, unit: WorkUnit, arm: str) -> list[dict[st
     """Run one batch of ``unit`` under ``arm`` and return its reference and trial records."""
     config = context.config
     prepared = context.inputs[unit.input_index]
+    if getattr(context.task, "kind", "generative") == "multiple_choice":
+        return run_choice_unit(context, unit, arm)
     faults = [None] + [
         context.planner.for_row(trial, prepared.prompt_length, row)
         for row, trial in enumerate(unit.trial_ids, start=1)
@@ -692,6 +695,82 @@ def run_unit(context: CampaignContext, unit: WorkUnit, arm: str) -> list[dict[st
             }
         )
     return records
+
+
+def run_choice_unit(context: CampaignContext, unit: WorkUnit, arm: str) -> list[dict[str, Any]]:
+    """Run the trials of a multiple-choice input: one log-likelihood forward per trial.
+
+    All choices of one trial go through one forward, one choice per batch row, so a trial's
+    fault sits in one row (a choice drawn from the trial's seed). The reference is the
+    fault-free forward under the same arm. ``tokens`` contains the index of the picked choice.
+    """
+    # NOTE: rows are right-padded to the longest choice, so a first_token fault (the last
+    # position of the forward) lands on padding in rows whose choice is shorter.
+    from evals.scoring import score_multiple_choice
+
+    config = context.config
+    prepared = context.inputs[unit.input_index]
+    n_choices = len(getattr(prepared.example, "choices", None) or [])
+    shots = config.n_shots if config.n_shots is not None else 0
+
+    def score(faults: list) -> tuple[Any, str | None, list[dict]]:
+        injector = _default_injector(context.model) if faults else None
+        try:
+            if injector is None:
+                return score_multiple_choice(context.model, context.tokenizer, context.task, prepared.example, shots), None, []
+            with injector.armed(faults):
+                result = score_multiple_choice(context.model, context.tokenizer, context.task, prepared.example, shots)
+            return result, None, _fired_by_row(injector).get(faults[0].row or 0, [])
+        except (RuntimeError, ValueError, FloatingPointError, IndexError) as caught:
+            return None, f"{type(caught).__name__}: {caught}", []
+
+    records: list[dict[str, Any]] = []
+    with ProtectedArm(context.model, arm, config.mitigation_options) as protected:
+        protected.reset_report()
+        started = time.perf_counter()
+        reference, reference_error, _ = score([])
+        reference_detections = _detections_by_row(protected.call_reports(), 1, one_call_per_row=True)[0]
+        reference_choice = [reference.choice] if reference is not None else []
+        reference_score = reference.score if reference is not None else 0.0
+        reference_row = RowResult(reference_choice, "", nonfinite=bool(reference and reference.nonfinite), error=reference_error)
+        for trial in unit.trial_ids:
+            protected.reset_report()
+            row = derive_seed(config.seed, "choice-row", trial) % max(1, n_choices)
+            fault = context.planner.for_row(trial, prepared.prompt_length, row)
+            result, error, fired = score([fault])
+            detections = [d for ds in _detections_by_row(protected.call_reports(), n_choices or 1).values() for d in ds]
+            crashed = error is not None or bool(result and result.nonfinite)
+            trial_row = RowResult([result.choice] if result is not None else [], "", nonfinite=crashed, error=error, fired=fired)
+            trial_score = 0.0 if crashed or result is None else float(result.score)
+            records.append(
+                {
+                    "kind": "trial", "arm": arm, "trial": trial, "unit": unit.index, "input": unit.input_index,
+                    "input_id": prepared.input_id, "row": row, "fault": _jsonable(fault.to_dict()), "fired": fired,
+                    "tokens": trial_row.tokens, "text": "", "score": trial_score, "golden_score": reference_score,
+                    "logliks": _jsonable(result.logliks) if result is not None else None,
+                    "nonfinite": crashed, "error": error, "detections": _dedupe(detections), "shots": [shots],
+                    "outcome": classify(reference_row, trial_row, reference_score, trial_score, _dedupe(detections)),
+                }
+            )
+        seconds = time.perf_counter() - started
+    records.insert(0, {
+        "kind": "reference", "arm": arm, "unit": unit.index, "input": unit.input_index, "input_id": prepared.input_id,
+        "tokens": reference_choice, "text": "", "score": reference_score, "nonfinite": reference_row.nonfinite,
+        "error": reference_error, "detections": reference_detections, "rows": n_choices, "shots": [shots],
+        "seconds": seconds, "forward_passes": 1 + len(unit.trial_ids), "extra_forward_passes": 0, "extra_memory_bytes": 0,
+    })
+    return records
+
+
+def _dedupe(detections: list[dict]) -> list[dict]:
+    """Drop repeats of whole-batch detections that were copied to every row."""
+    unique, seen = [], set()
+    for detection in detections:
+        key = json.dumps(detection, sort_keys=True, default=str)
+        if key not in seen:
+            seen.add(key)
+            unique.append(detection)
+    return unique
 
 
 def _use_prefix(context: CampaignContext, prepared: PreparedInput, faults: list) -> bool:

@@ -357,3 +357,27 @@ def test_campaign_prefix_reuse_same_records(tiny_folder, loaded, tmp_path):
     reused_passes = sum(r["forward_passes"] for r in reused.records if r["kind"] == "reference")
     fresh_passes = sum(r["forward_passes"] for r in fresh.records if r["kind"] == "reference")
     assert reused_passes < fresh_passes
+
+
+# ----- multiple choice --------------------------------------------------------------------
+
+
+def test_campaign_multiple_choice_records(tiny_folder, loaded, tmp_path, bigbench_dir):
+    from evals.tasks import get_task
+
+    path = bigbench_dir / "logical_deduction" / "three_objects" / "task.json"
+    task = get_task(f"bigbench:{path}")
+    fault = {"site": {"role": "down_proj"}, "time": {"stage": "prefill"}, "corruption": {"field": "exponent_msb"}}
+    config = _config(tiny_folder, tmp_path, task=f"bigbench:{path}", fault=fault, trials=4, limit=2,
+                     arms=["none", "abft"])
+    model, tokenizer = loaded
+
+    result = run_campaign(config, model=model, tokenizer=tokenizer, task=task)
+
+    trials = [r for r in result.records if r["kind"] == "trial"]
+    assert len(trials) == 8
+    assert all(len(r["logliks"]) == 3 for r in trials)
+    assert all(r["tokens"][0] in (0, 1, 2) for r in trials)
+    assert all(r["fired"] for r in trials)
+    abft = [r for r in trials if r["arm"] == "abft"]
+    assert any(r["detections"] for r in abft)
