@@ -480,6 +480,7 @@ class ProtectedArm:
         self.options = options
         self.active = bool(parse_arm(arm))
         self.objects: list = []
+        self.held_bytes = 0
 
     def __enter__(self) -> "ProtectedArm":
         if self.active:
@@ -487,6 +488,10 @@ class ProtectedArm:
 
             self.objects = build_mitigations(self.arm, self.options)
             guard.protect(self.model, mitigations=self.objects)
+            from evals.bench import held_tensor_bytes
+
+            # Checksum vectors and other state the mitigations keep between calls.
+            self.held_bytes = held_tensor_bytes(self.objects, self.model)
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -644,6 +649,7 @@ def run_unit(context: CampaignContext, unit: WorkUnit, arm: str) -> list[dict[st
         reports = protected.call_reports()
     extra_passes = batch.extra_forward_passes + sum(int(getattr(report, "extra_forward_passes", 0)) for report in reports)
     extra_memory = max([int(getattr(report, "extra_memory_bytes", 0)) for report in reports] or [0])
+    extra_memory += protected.held_bytes
 
     reference_row = batch.rows[0]
     reference_score = _row_score(context, prepared, reference_row)

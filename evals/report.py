@@ -237,6 +237,12 @@ def _time_ratio(overhead: dict) -> str:
     return f"{ratio['median']:.2f}x (IQR {ratio['q1']:.2f}-{ratio['q3']:.2f})"
 
 
+def _mebibytes(count: int | None) -> str:
+    if count is None:
+        return "n/a"
+    return f"{count / 2**20:.2f} MiB"
+
+
 def sorted_arms(summary: dict[str, Any]) -> list[dict[str, Any]]:
     """Return the arms from best to worst accuracy under faults, then cheapest first."""
 
@@ -259,6 +265,7 @@ MARKDOWN_COLUMNS = (
     "SDC critical",
     "time ratio",
     "extra passes/batch",
+    "extra memory",
     "McNemar p",
 )
 
@@ -281,6 +288,7 @@ def markdown_table(summary: dict[str, Any]) -> str:
             _percent(arm["shares"]["sdc_critical"]),
             _time_ratio(overhead),
             "n/a" if passes is None else f"{passes:.1f}",
+            _mebibytes(overhead.get("extra_memory_bytes")),
             "n/a" if not test else f"{test['p_value']:.3g}",
         ]
         lines.append("| " + " | ".join(cells) + " |")

@@ -9,7 +9,7 @@ import pytest
 from evals.campaign import FaultPlanner, derive_seed, plan_units, run_batch, run_campaign, shard_units
 from evals.config import CampaignConfig, parse_arm
 from evals.store import ResultStore
-from guard.errors import ConfigError
+from guard.errors import ConfigError, NotFoundError
 from tests.campaign_fixtures import save_tiny_model_folder
 from tests.tiny_models import make_prompt, make_tiny_model
 
@@ -247,7 +247,7 @@ def test_weight_faults_run_alone(tiny_folder, loaded, tmp_path):
 
 
 def test_unknown_mitigation_rejected(tiny_folder, loaded, tmp_path):
-    with pytest.raises(Exception, match=r"Unknown mitigation 'abtf'.*Did you mean 'abft'"):
+    with pytest.raises(NotFoundError, match=r"Unknown mitigation 'abtf'.*Did you mean 'abft'"):
         _run(_config(tiny_folder, tmp_path, arms=["abtf"]), loaded)
 
 
