@@ -283,13 +283,13 @@ class DynamicShots(Mitigation):
             return
         with context.timed():
             last = logits[:, -1, :].detach()
-            bad = ~torch.isfinite(last).all(-1)
-            reason = "nonfinite_logits"
-            bound = self.config.logit_bound
-            if not bool(bad.any()) and bound is not None:
-                bad = last.abs().amax(-1) > bound
-                reason = "logits_out_of_range"
+            # One reduction per row: amax propagates NaN, and NaN fails the comparison.
+            peak = last.abs().amax(-1)
+            bound = self.config.logit_bound if self.config.logit_bound is not None else float("inf")
+            bad = ~(peak <= bound)
             for row in torch.nonzero(bad).flatten().tolist():
+                finite = bool(torch.isfinite(last[row]).all())
+                reason = "logits_out_of_range" if finite else "nonfinite_logits"
                 self._flagged.setdefault(row, f"{reason} at step {info.index}")
 
     def before_generate(self, context, args: tuple, kwargs: dict) -> None:
