@@ -986,22 +986,24 @@ def run_campaign(
     run = skipped = 0
     if len(config.arms) > 1 and mine:
         _warm_up(context)
-    progress = _progress(mine, config, dist)
+    progress = _progress(len(mine) * len(config.arms), config, dist)
     try:
-        for unit in progress:
+        for unit in mine:
             # Rotate which arm runs first, so no arm always pays for cold caches after a switch.
             shift = unit.index % len(config.arms)
             for arm in config.arms[shift:] + config.arms[:shift]:
                 keys = _unit_keys(unit, arm)
                 if keys <= done:
                     skipped += len(unit.trial_ids)
-                    continue
-                records = run_unit(context, unit, arm)
-                fresh = [record for record in records if record_key(record) not in done]
-                store.append(fresh)
-                run += sum(1 for record in fresh if record["kind"] == "trial")
+                else:
+                    records = run_unit(context, unit, arm)
+                    fresh = [record for record in records if record_key(record) not in done]
+                    store.append(fresh)
+                    run += sum(1 for record in fresh if record["kind"] == "trial")
+                if progress is not None:
+                    progress.update(1)
     finally:
-        if hasattr(progress, "close"):
+        if progress is not None:
             progress.close()
     logger.info("rank %d ran %d trials and skipped %d already recorded", dist.rank, run, skipped)
 
@@ -1034,10 +1036,11 @@ def _build_context(config: CampaignConfig, model, tokenizer, task) -> CampaignCo
     return CampaignContext(config, model, tokenizer, task, inputs, max_new_tokens, planner)
 
 
-def _progress(units: list[WorkUnit], config: CampaignConfig, dist: Distributed):
+def _progress(total: int, config: CampaignConfig, dist: Distributed):
+    """Return a tqdm bar over (batch, arm) pairs, or None when progress is off."""
     if not config.progress:
-        return units
+        return None
     from tqdm.auto import tqdm
 
-    label = "batches" if dist.world_size == 1 else f"batches (rank {dist.rank})"
-    return tqdm(units, desc=label, unit="batch", position=dist.rank, leave=True)
+    label = "batches x arms" if dist.world_size == 1 else f"batches x arms (rank {dist.rank})"
+    return tqdm(total=total, desc=label, unit="batch", position=dist.rank, leave=True)
