@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from guard.errors import ConfigError, NotFoundError, close_matches
+from guard.errors import ConfigError, NotFoundError, SoftguardError, close_matches
 
 from evals import provenance
 from evals.config import CampaignConfig, parse_arm
@@ -228,6 +228,9 @@ def run_batch(
                 sequences = _greedy_generate(model, tokenizer, input_ids, attention_mask, max_new_tokens)
         else:
             sequences = _greedy_generate(model, tokenizer, input_ids, attention_mask, max_new_tokens)
+    except SoftguardError:
+        # Bad settings (a fault that does not fit its site, say) are errors, not crashes.
+        raise
     except (RuntimeError, ValueError, FloatingPointError, IndexError) as caught:
         # A corrupted value can make generate itself fail (for example an invalid index).
         error = f"{type(caught).__name__}: {caught}"
@@ -323,6 +326,9 @@ def run_batch_from_prefix(
             pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
             with torch.inference_mode():
                 output = model.generate(**generate_kwargs, do_sample=False, pad_token_id=pad_id)
+    except SoftguardError:
+        # Bad settings (a fault that does not fit its site, say) are errors, not crashes.
+        raise
     except (RuntimeError, ValueError, FloatingPointError, IndexError) as caught:
         error = f"{type(caught).__name__}: {caught}"
     finally:
@@ -727,6 +733,8 @@ def run_choice_unit(context: CampaignContext, unit: WorkUnit, arm: str) -> list[
             with injector.armed(faults):
                 result = score_multiple_choice(context.model, context.tokenizer, context.task, prepared.example, shots)
             return result, None, _fired_by_row(injector).get(faults[0].row or 0, [])
+        except SoftguardError:
+            raise
         except (RuntimeError, ValueError, FloatingPointError, IndexError) as caught:
             return None, f"{type(caught).__name__}: {caught}", []
 
