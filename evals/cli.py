@@ -57,6 +57,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--output-dir", help="result folder; rerunning the same command into it resumes the run"
     )
+
     parser.add_argument("--task", help="task name or task file (default: arithmetic)")
     parser.add_argument(
         "--task-option",
@@ -74,6 +75,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         help="rows per generate call: one fault-free reference row plus batch-size - 1 trials (default: 16)",
     )
     parser.add_argument("--max-new-tokens", type=int, help="tokens generated per row (default: the task's)")
+
     parser.add_argument(
         "--fault",
         metavar="YAML",

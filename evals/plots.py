@@ -94,6 +94,7 @@ def plot_recovery_vs_overhead(summary: dict[str, Any], path: Path) -> Path | Non
     use_recovered = any(arm.get("recovered_fraction") for arm in arms)
     figure = _figure()
     axes = figure.add_subplot(1, 1, 1)
+
     for arm in arms:
         ratio = (arm["overhead"].get("time_ratio") or {}).get("median")
         x = ratio if ratio is not None else 1.0
@@ -111,6 +112,7 @@ def plot_recovery_vs_overhead(summary: dict[str, Any], path: Path) -> Path | Non
         else:
             axes.plot([x], [y], "o")
         axes.annotate(arm["arm"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize="small")
+
     axes.set_xlabel("time ratio against the none arm (1.0 = no overhead)")
     axes.set_ylabel("recovered fraction of lost accuracy" if use_recovered else "accuracy under faults")
     axes.set_title("Accuracy recovered against overhead")
