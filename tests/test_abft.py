@@ -71,6 +71,7 @@ def test_config_defaults():
         (dict(scrub="always"), "abft.scrub='always' is not valid"),
         (dict(tolerance_scale=0.5), "abft.tolerance_scale=0.5 is not valid"),
         (dict(accumulation="fp8"), "abft.accumulation='fp8' is not valid"),
+        (dict(bound="tight"), "abft.bound='tight' is not valid"),
     ],
 )
 def test_config_rejects_bad_values(options, message):
@@ -115,13 +116,14 @@ def test_unit_roundoff_values():
 # ----- fault-free --------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("bound", ["worst_case", "probabilistic"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2_moe"])
-def test_fault_free_no_false_alarm(arch, dtype):
+def test_fault_free_no_false_alarm(arch, dtype, bound):
     model = make_tiny_model(arch, dtype=dtype)
     prompt = make_prompt(4, 9)
     golden = model.generate(prompt, **GREEDY)
-    tokens, call = protected_run(model, prompt, ABFT(roles="all_linear"))
+    tokens, call = protected_run(model, prompt, ABFT(roles="all_linear", bound=bound))
     assert call.detections == []
     assert torch.equal(tokens, golden)
 
@@ -143,6 +145,19 @@ def test_exponent_flip_detected_and_corrected(dtype):
     assert detection.stage == "first_token"
     assert detection.action == "recomputed"
     assert torch.equal(tokens, golden)
+
+
+def test_probabilistic_bound_is_tighter(tiny_llama):
+    guard.protect(tiny_llama, [ABFT(bound="probabilistic")])
+    probabilistic = guard.protected_mitigations(tiny_llama)[0].layers[1]
+    x = torch.randn(3, probabilistic.in_features, dtype=torch.float64)
+    y_abs = torch.zeros(3, dtype=torch.float64)
+    tight = probabilistic.tolerance(x.abs(), y_abs, torch.float32)
+    guard.unprotect(tiny_llama)
+    guard.protect(tiny_llama, [ABFT()])
+    worst = guard.protected_mitigations(tiny_llama)[0].layers[1].tolerance(x.abs(), y_abs, torch.float32)
+    guard.unprotect(tiny_llama)
+    assert (tight < worst).all()
 
 
 def test_unchecked_layer_not_detected(tiny_llama):
