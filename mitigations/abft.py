@@ -8,9 +8,9 @@ matters, also for bf16 and fp16 models. A row whose difference exceeds the round
 tolerance, or that contains NaN/Inf, is a detection and is corrected by recomputing the layer.
 
 Tolerance. The computed ``y_j`` differs from the exact value by at most
-``gamma_n * (|x| @ |W_j|) + u_out * |y_j|`` (``gamma_n = n u / (1 - n u)`` with ``n`` the
-reduction length and ``u`` the unit roundoff of the accumulation; ``u_out`` the unit roundoff
-of the output format, because the result is rounded once on store). Summed over ``j`` this
+``gamma_n * (|x| @ |W_j|) + u_out * |y_j|``. Here ``gamma_n = n u / (1 - n u)``, ``n`` is the
+reduction length, ``u`` the unit roundoff of the accumulation and ``u_out`` that of the
+output format, because the result is rounded once on store. Summed over ``j`` this
 gives ``gamma_n * (|x| @ |W|_c) + u_out * sum_j |y_j|`` with ``|W|_c = |W|.sum(0)``, a
 worst-case bound, scaled by ``tolerance_scale``. ``bound="probabilistic"`` replaces
 ``gamma_n`` with ``sqrt(n) u``, the usual growth of independent rounding errors. That bound is
@@ -66,7 +66,7 @@ def unit_roundoff(dtype: torch.dtype) -> float:
 
 @dataclass
 class ABFTConfig(MitigationConfig):
-    """Which layers ABFT checks and what it does on a mismatch.
+    """Layer selection and mismatch handling of ABFT.
 
     ``roles``: role names (``o_proj``, ``down_proj``, ``q_proj``, ``lm_head``...) or
     ``"all_linear"``. ``layers``: ``"all"`` or block indices (layers outside the blocks, such as
@@ -143,6 +143,7 @@ class _CheckedLayer:
             index = torch.arange(1, bias.numel() + 1, dtype=torch.float64, device=bias.device)
             self.bias_weighted = float(index @ bias.detach().double())
         del w64
+
         self.weight_dtype = weight.dtype
         self.row_bits, self.column_bits = _bit_sums(weight)
         self.bias_copy = bias.detach().clone() if bias is not None else None
@@ -353,6 +354,7 @@ class _CheckedLayer:
                     break
                 used.add(matches[0])
                 fixes.append((r, int(bad_columns[matches[0]]), d))
+
         if not fixes:
             self._record_weight(
                 info, "none",
@@ -360,14 +362,18 @@ class _CheckedLayer:
                 "differ and cannot be matched to single elements",
             )
             return False
+
         for row, column, delta in fixes:
             words[row, column] -= delta
-        if words.data_ptr() != weight.data_ptr():
-            _bits(weight).copy_(words.to(_bits(weight).dtype))
         if not torch.equal(words.sum(1), self.row_bits) or not torch.equal(words.sum(0), self.column_bits):
+            # Undo the attempted fix so the weight is left as it was found.
+            for row, column, delta in fixes:
+                words[row, column] += delta
             self._record_weight(info, "none", "restoring the located elements did not restore the checksums")
             return False
-        per_word = words.shape[1] and weight.shape[-1] // words.shape[1]
+        if words.data_ptr() != weight.data_ptr():
+            _bits(weight).copy_(words.to(_bits(weight).dtype))
+        per_word = weight.shape[-1] // words.shape[1]
         where = [(r, c * per_word) for r, c, _ in fixes][:8]
         self._record_weight(
             info, "restored",
