@@ -52,7 +52,9 @@ class _GuardState:
         self.mitigations = mitigations
         self.handles: list[Any] = []
         self.previous_generate: Any = _MISSING
+        # Nesting depth and start time of a plain forward call being reported.
         self.forward_depth = 0
+        self.forward_start = 0.0
 
 
 def is_protected(model: nn.Module) -> bool:
