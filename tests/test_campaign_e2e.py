@@ -31,17 +31,17 @@ def _table_rows(text: str) -> dict[str, list[str]]:
 
 @pytest.mark.e2e
 def test_ab_smollm2_small(smollm2, tmp_path, capsys):
-    status = cli.main(_ab(tmp_path, "none,abft", limit=1, trials=3, batch_size=4))
+    status = cli.main(_ab(tmp_path, "none,abft", limit=1, trials=2, batch_size=3))
 
     printed = capsys.readouterr().out
     assert status == 0
     rows = _table_rows(printed)
     assert set(rows) == {"none", "abft"}
-    assert rows["abft"][1] == "3"
+    assert rows["abft"][1] == "2"
     assert {"config.json", "trials.jsonl", "summary.json", "summary.csv", "summary.md",
             "recovered_vs_overhead.png", "outcomes_by_layer.png"} <= {p.name for p in tmp_path.iterdir()}
     records = [json.loads(line) for line in (tmp_path / "trials.jsonl").read_text().splitlines()]
-    assert sum(1 for r in records if r["kind"] == "trial") == 6
+    assert sum(1 for r in records if r["kind"] == "trial") == 4
     trial = next(r for r in records if r["kind"] == "trial" and r["arm"] == "abft")
     assert trial["fault"]["module"].endswith("mlp.down_proj")
     assert trial["fault"]["bits"] == [30]
