@@ -14,7 +14,7 @@ Two ways to use it:
   are public so a batched campaign can drive them itself.
 * Installed by ``guard.protect``, it wraps ``generate`` on token ids. Without the prompt
   structure it cannot change the number of shots, so it reruns the same request when a
-  detector fired or the logits were non-finite or out of range; it has no validator there.
+  detector fired or the logits were non-finite or out of range. No validator runs there.
 """
 
 from __future__ import annotations
@@ -75,6 +75,7 @@ class DynamicShotsConfig(MitigationConfig):
                 )
             examples.append((example[0], example[1]))
         self.examples = tuple(examples)
+
         if not isinstance(self.template, str) or "{query}" not in self.template:
             raise ConfigError(
                 f"dynamic_shots.template={self.template!r} must be a string containing '{{query}}' "
@@ -96,6 +97,7 @@ class DynamicShotsConfig(MitigationConfig):
             raise ConfigError(unknown_choice("dynamic_shots.policy", self.policy, POLICIES))
         if self.retry_on not in RETRY_ON:
             raise ConfigError(unknown_choice("dynamic_shots.retry_on", self.retry_on, RETRY_ON))
+
         limit = len(self.examples)
         shots = list(range(limit + 1)) if self.shots is None else list(self.shots)
         if not shots:
@@ -107,6 +109,7 @@ class DynamicShotsConfig(MitigationConfig):
                     f"0 to the number of examples ({limit})."
                 )
         self.shots = tuple(sorted(set(shots)))
+
         if self.start is not None and self.start not in self.shots:
             raise ConfigError(
                 f"dynamic_shots.start={self.start!r} is not among shots={list(self.shots)}; "
@@ -192,9 +195,9 @@ class DynamicShots(Mitigation):
     ) -> str | None:
         """Return why a request should be retried, or None to accept it.
 
-        ``detections`` are the detections of this request's row; ``logits`` the logits it was
-        generated from (one tensor or one per step); ``text`` the decoded output for the
-        validator (None skips the validator).
+        ``detections`` are the detections of this request's row. ``logits`` are the logits it
+        was generated from, one tensor or one per step. ``text`` is the decoded output for the
+        validator, and None skips the validator.
         """
         for detection in detections:
             if detection.mitigation == self.name:
