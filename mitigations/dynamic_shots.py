@@ -309,23 +309,40 @@ class DynamicShots(Mitigation):
         return rows
 
     def around_generate(self, context, call_next, args: tuple, kwargs: dict) -> Any:
-        output = call_next(*args, **kwargs)
+        output, error = self._attempt(call_next, args, kwargs)
+        # Rows whose returned value came from the latest attempt (None: every row).
+        current: set[int] | None = None
         for retry in range(1, self.config.max_retries + 1):
-            flagged = self._flagged_rows(context)
+            flagged = _restrict(self._flagged_rows(context), current)
             if not flagged:
                 return output
             self._record(context, flagged, "rerun", f"rerun {retry} of the request")
             context.attempt = retry
             context.call.attempts = retry + 1
             with context.timed():
-                # NOTE: the whole batch reruns with the same inputs. Greedy rows without a
-                # fault come out identical; sampled rows draw new samples, and a streamer
-                # receives the rerun's tokens again.
-                output = call_next(*args, **kwargs)
-        flagged = self._flagged_rows(context)
+                # NOTE: the whole batch reruns with the same inputs, and a streamer receives
+                # the rerun's tokens again.
+                rerun, error = self._attempt(call_next, args, kwargs)
+                if rerun is None or output is None:
+                    output, current = rerun, None
+                else:
+                    output, current = _merge_rows(output, rerun, set(flagged), _pad_id(context.model, kwargs))
+        flagged = _restrict(self._flagged_rows(context), current)
         if flagged:
             self._record(context, flagged, "none", "retries exhausted; the last attempt is returned")
+        if output is None:
+            raise error
         return output
+
+    def _attempt(self, call_next, args: tuple, kwargs: dict) -> tuple[Any, RuntimeError | None]:
+        """Run one attempt; a RuntimeError after non-finite logits (a sampling crash) becomes a retry."""
+        try:
+            return call_next(*args, **kwargs), None
+        except RuntimeError as error:
+            if not self._flagged:
+                raise
+            logger.warning("dynamic_shots: generate failed after flagged logits (%s); rerunning", error)
+            return None, error
 
     def _record(self, context, flagged: dict[int | None, str], action: str, detail: str) -> None:
         for row, reason in sorted(flagged.items(), key=lambda item: (item[0] is None, item[0] or 0)):
@@ -333,6 +350,44 @@ class DynamicShots(Mitigation):
                 mitigation=self.name, check="retry", action=action, row=row,
                 detail=f"{reason}; {detail}",
             ))
+
+
+def _restrict(flagged: dict[int | None, str], rows: set[int] | None) -> dict[int | None, str]:
+    """Keep the flags of ``rows`` (all when None) and whole-batch flags."""
+    if rows is None:
+        return flagged
+    return {row: reason for row, reason in flagged.items() if row is None or row in rows}
+
+
+def _pad_id(model: nn.Module, kwargs: dict) -> int:
+    config = getattr(model, "generation_config", None)
+    for candidate in (kwargs.get("pad_token_id"), getattr(config, "pad_token_id", None), getattr(config, "eos_token_id", None)):
+        if isinstance(candidate, (list, tuple)):
+            candidate = candidate[0] if candidate else None
+        if isinstance(candidate, int):
+            return candidate
+    return 0
+
+
+def _merge_rows(previous: Any, rerun: Any, rows: set[int | None], pad_id: int) -> tuple[Any, set[int] | None]:
+    """Take ``rows`` from ``rerun`` and the other rows from ``previous``.
+
+    Return the merged output and the rows that now come from ``rerun`` (None for all). Only
+    plain token tensors are merged row by row, so sampled rows without a fault keep their
+    samples. Dict outputs (``return_dict_in_generate``) and whole-batch flags take the rerun
+    whole.
+    """
+    if None in rows or not (torch.is_tensor(previous) and torch.is_tensor(rerun)) or previous.dim() != 2:
+        return rerun, None
+    length = max(previous.shape[1], rerun.shape[1])
+    merged = torch.full((previous.shape[0], length), pad_id, dtype=previous.dtype, device=previous.device)
+    merged[:, : previous.shape[1]] = previous
+    for row in rows:
+        merged[row] = pad_id
+        merged[row, : rerun.shape[1]] = rerun[row]
+    if length > previous.shape[1] and not (merged[:, previous.shape[1]:] != pad_id).any():
+        merged = merged[:, : previous.shape[1]]
+    return merged, {row for row in rows if row is not None}
 
 
 def _row_detections(model: nn.Module, row: int) -> list[Detection]:

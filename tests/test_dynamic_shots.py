@@ -245,3 +245,58 @@ def test_generate_reruns_on_other_detector(tiny_llama):
     assert checks[0] == ("abft", "nonfinite_output", 1, 0)
     assert ("dynamic_shots", "retry", 1, 0) in checks
     assert torch.equal(tokens, golden)
+
+
+class LargeOnPrompt(NaNOnPrompt):
+    def __call__(self, module, args, output):
+        if self.fired >= self.times or output.shape[1] < 2:
+            return None
+        self.fired += 1
+        output = output.clone()
+        output[self.row, -1, 0] = 1.0e6
+        return output
+
+
+def test_generate_rerun_keeps_unflagged_samples(tiny_llama):
+    prompt = make_prompt(3, 6)
+    sampling = dict(max_new_tokens=5, do_sample=True, top_k=30)
+    torch.manual_seed(7)
+    golden = tiny_llama.generate(prompt, **sampling)
+    guard.protect(tiny_llama, [ABFT(correction="none"), DynamicShots()])
+    handle = tiny_llama.model.layers[1].mlp.down_proj.register_forward_hook(LargeOnPrompt(row=1), prepend=True)
+    try:
+        torch.manual_seed(7)
+        tokens = tiny_llama.generate(prompt, **sampling)
+        call = guard.get_report(tiny_llama).last_call
+    finally:
+        handle.remove()
+        guard.unprotect(tiny_llama)
+    assert call.attempts == 2
+    assert torch.equal(tokens[0], golden[0])
+    assert torch.equal(tokens[2], golden[2])
+    assert tokens.shape == golden.shape
+
+
+def test_generate_sampling_crash_rerun(tiny_llama):
+    sampling = dict(max_new_tokens=5, do_sample=True, top_k=30)
+    tokens, call = None, None
+    guard.protect(tiny_llama, DynamicShots())
+    handle = tiny_llama.model.layers[1].mlp.down_proj.register_forward_hook(NaNOnPrompt(row=1), prepend=True)
+    try:
+        torch.manual_seed(7)
+        tokens = tiny_llama.generate(make_prompt(3, 6), **sampling)
+        call = guard.get_report(tiny_llama).last_call
+    finally:
+        handle.remove()
+        guard.unprotect(tiny_llama)
+    assert call.attempts == 2
+    assert tokens.shape == (3, 11)
+
+
+def test_generate_unflagged_crash_propagates(tiny_llama):
+    guard.protect(tiny_llama, DynamicShots())
+    try:
+        with pytest.raises(ValueError):
+            tiny_llama.generate(make_prompt(1, 6), max_new_tokens=-3)
+    finally:
+        guard.unprotect(tiny_llama)
