@@ -505,3 +505,20 @@ def test_device_map_auto_model(tmp_path):
 
 def test_registry_lists_four_mitigations():
     assert {"abft", "dual_first_token", "dynamic_shots", "mixed_precision"} <= set(mitigations.available())
+
+
+def test_tracker_finished_is_closed_pass(tiny_llama):
+    tracker = guard.StageTracker.attach(tiny_llama)
+    seen = []
+
+    def after_tracker(module, args, output):
+        seen.append((tracker.current, tracker.finished))
+
+    handle = tiny_llama.register_forward_hook(after_tracker)
+    try:
+        tiny_llama.generate(make_prompt(1, 5), max_new_tokens=2, do_sample=False)
+    finally:
+        handle.remove()
+        tracker.detach()
+    assert [current for current, _ in seen] == [None, None]
+    assert [finished.index for _, finished in seen] == [0, 1]
