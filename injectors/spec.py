@@ -171,6 +171,8 @@ class CorruptionSpec:
                 self.mode = "flip"
         if self.mode not in MODES:
             raise ConfigError(unknown_choice("corruption.mode", self.mode, MODES))
+        if isinstance(self.bit, str):
+            self._bit_from_text(self.bit)
         if self.field is not None and self.field not in FIELDS:
             raise ConfigError(unknown_choice("corruption.field", self.field, FIELDS))
         _check_int("corruption.bit", self.bit)
@@ -202,6 +204,23 @@ class CorruptionSpec:
                 raise ConfigError("corruption.bit/field/k/burst do not apply to mode='set', which writes a value.")
         elif self.value is not None:
             raise ConfigError(f"corruption.value needs mode='set', got mode={self.mode!r}.")
+
+    def _bit_from_text(self, text: str) -> None:
+        """Accept ``bit: "30"`` as an index and ``bit: exponent_msb`` as the field it names."""
+        word = text.strip()
+        if word.isdigit():
+            self.bit = int(word)
+        elif word in FIELDS:
+            if self.field is not None and self.field != word:
+                raise ConfigError(
+                    f"corruption.bit={text!r} names a field, and corruption.field={self.field!r} names "
+                    "another: give one of them."
+                )
+            self.bit, self.field = None, word
+        else:
+            raise ConfigError(
+                unknown_choice("corruption.bit", text, FIELDS) + " Or give a bit index (an integer >= 0)."
+            )
 
 
 @dataclass

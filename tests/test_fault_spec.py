@@ -354,3 +354,27 @@ def test_weight_fault_has_no_row(llama):
 
 def test_time_spec_direct():
     assert TimeSpec(stage="decode", step=2).step == 2
+
+
+# ----- bit given as a field name ----------------------------------------------------------
+
+
+def test_bit_accepts_field_name():
+    spec = FaultSpec.from_dict({"corruption": {"bit": "exponent_msb"}})
+
+    assert spec.corruption.field == "exponent_msb"
+    assert spec.corruption.bit is None
+
+
+def test_bit_accepts_index_text():
+    assert FaultSpec.from_dict({"corruption": {"bit": "30"}}).corruption.bit == 30
+
+
+def test_bit_unknown_word_suggests_fields():
+    with pytest.raises(ConfigError, match=r"corruption.bit='exponentmsb' is not valid. Did you mean 'exponent_msb'"):
+        FaultSpec.from_dict({"corruption": {"bit": "exponentmsb"}})
+
+
+def test_bit_field_name_conflicting_with_field():
+    with pytest.raises(ConfigError, match=r"names a field.*give one of them"):
+        FaultSpec.from_dict({"corruption": {"bit": "sign", "field": "mantissa"}})
