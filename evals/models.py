@@ -186,6 +186,48 @@ def _convert_bundled(name: str) -> Path:
     return target
 
 
+def _looks_like_path(text: str) -> bool:
+    return text.startswith(("/", ".", "~")) or os.sep in text or (os.altsep is not None and os.altsep in text)
+
+
+def _check_local_source(name_or_path: str) -> str:
+    """Return what to pass to ``from_pretrained``, after the checks a local folder allows.
+
+    A folder without config.json, or a path that does not exist, raises NotFoundError before
+    transformers sees it. A bare name that is neither bundled nor a folder is refused with
+    close matches; ``owner/name`` is left to the hub cache.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise NotFoundError(
+                f"folder {str(path)!r} has no config.json; it is not a saved transformers model."
+            )
+        return str(path)
+    if path.exists():
+        raise NotFoundError(
+            f"{str(path)!r} is a file, not a model folder. Pass the folder that holds config.json."
+        )
+    if name_or_path.startswith(("/", ".", "~")) or (
+        _looks_like_path(name_or_path) and name_or_path.count("/") != 1
+    ):
+        raise NotFoundError(f"folder {str(path)!r} does not exist.")
+    if "/" not in name_or_path:
+        raise NotFoundError(
+            f"Unknown model {name_or_path!r}.{close_matches(name_or_path, BUNDLED)} "
+            f"Bundled models: {', '.join(sorted(BUNDLED))}; "
+            "otherwise pass a local folder or a Hugging Face hub id (owner/name)."
+        )
+    return name_or_path
+
+
+def _one_sentence(error: BaseException) -> str:
+    """Return the first line of an error message without its closing period."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[0] if lines else type(error).__name__
+    return text.rstrip(". ")
+
+
 def load_model(
     name_or_path: str = DEFAULT_MODEL,
     dtype: str | torch.dtype | None = "float32",
@@ -204,23 +246,17 @@ def load_model(
     if is_bundled(name_or_path):
         source = str(_convert_bundled(name_or_path))
     else:
-        source = name_or_path
-        if not Path(source).exists() and "/" not in source:
-            raise NotFoundError(
-                f"Unknown model {name_or_path!r}.{close_matches(name_or_path, BUNDLED)} "
-                f"Bundled models: {', '.join(sorted(BUNDLED))}; "
-                "otherwise pass a local folder or a Hugging Face hub id (owner/name)."
-            )
+        source = _check_local_source(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         load_kwargs = dict(kwargs, dtype=torch_dtype)
         if device_map is not None:
             load_kwargs["device_map"] = device_map
         model = AutoModelForCausalLM.from_pretrained(source, **load_kwargs)
-    except OSError as error:
+    except (OSError, ValueError) as error:
         raise NotFoundError(
-            f"Could not load model {name_or_path!r}: {error}. Check the path or hub id; "
-            "hub ids need the files in the local Hugging Face cache when offline."
+            f"Could not load model {name_or_path!r} ({_one_sentence(error)}); check the folder or hub id, "
+            "and note that hub ids need their files in the local Hugging Face cache when offline."
         ) from None
     if device_map is None and device is not None:
         model.to(device)

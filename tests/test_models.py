@@ -36,7 +36,7 @@ def test_unknown_model_suggests_bundled_name():
 
 
 def test_missing_local_folder_is_not_found(tmp_path):
-    with pytest.raises(NotFoundError, match="Could not load model"):
+    with pytest.raises(NotFoundError, match=r"^folder '.*no-such-model/x' does not exist\.$"):
         load_model(str(tmp_path / "no-such-model" / "x"))
 
 
@@ -59,3 +59,38 @@ def test_bundled_model_reloads_from_cache(smollm2):
     assert (folder / "model.safetensors").exists()
     assert model.config.num_hidden_layers == 30
     assert tokenizer.padding_side == "left"
+
+
+# ----- local folders that hold no model ---------------------------------------------------
+
+
+def test_folder_without_config_is_not_a_model(tmp_path):
+    with pytest.raises(NotFoundError, match=r"has no config.json; it is not a saved transformers model\.$"):
+        load_model(str(tmp_path))
+
+
+def test_relative_path_that_does_not_exist(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    with pytest.raises(NotFoundError, match=r"^folder 'models/x/y' does not exist\.$"):
+        load_model("models/x/y")
+
+
+def test_file_is_not_a_model_folder(tmp_path):
+    file = tmp_path / "weights.bin"
+    file.write_bytes(b"")
+
+    with pytest.raises(NotFoundError, match="is a file, not a model folder"):
+        load_model(str(file))
+
+
+def test_unloadable_folder_gives_one_sentence(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "no-such-architecture"}')
+
+    with pytest.raises(NotFoundError) as caught:
+        load_model(str(tmp_path))
+
+    message = str(caught.value)
+    assert message.startswith(f"Could not load model {str(tmp_path)!r} (")
+    assert ".." not in message and ".)" not in message
+    assert "\n" not in message
