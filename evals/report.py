@@ -1,7 +1,8 @@
 """Summaries and plots of a result folder, computed only from its trial records.
 
 ``summarize`` turns the records of ``trials.jsonl`` into per-arm statistics, each with its 95%
-confidence interval and n. They are the outcome shares, fault-free accuracy, accuracy under
+confidence interval and n. They are the outcome shares, fault-free accuracy (over distinct
+inputs, not trials), accuracy under
 faults, recovered fraction against the ``none`` arm, detection rate, false alarms on
 fault-free rows, overhead and McNemar's paired test. ``write_outputs`` writes summary.json, summary.csv,
 summary.md and the PNG plots. Because the summary depends on the records alone, a resumed or
@@ -136,7 +137,7 @@ def _summarize_arm(
         "n": n,
         "outcomes": counts,
         "shares": {name: proportion(count, n) for name, count in counts.items()},
-        "accuracy_fault_free": mean_estimate([float(record["golden_score"]) for record in ordered]),
+        "accuracy_fault_free": mean_estimate(_golden_scores_by_input(ordered)),
         "accuracy_under_faults": mean_estimate([float(record["score"]) for record in ordered]),
         "failure_rate": proportion(failures, n),
         "fired_rate": proportion(fired, n),
@@ -166,6 +167,19 @@ def _summarize_arm(
                 "n": len(shared),
             }
     return summary
+
+
+def _golden_scores_by_input(trials: list[dict]) -> list[float]:
+    """Return one fault-free score per distinct input (the mean over its trials).
+
+    Trials of the same input share one golden run, so counting each trial would treat copies
+    of one measurement as independent and make the interval too narrow.
+    """
+    by_input: dict[str, list[float]] = defaultdict(list)
+    for record in trials:
+        key = record.get("input", record.get("input_id", record.get("unit")))
+        by_input[str(key)].append(float(record["golden_score"]))
+    return [sum(scores) / len(scores) for _, scores in sorted(by_input.items())]
 
 
 def _overhead(references: dict[int, dict], baseline_refs: dict[int, dict] | None) -> dict[str, Any]:
@@ -257,7 +271,7 @@ def sorted_arms(summary: dict[str, Any]) -> list[dict[str, Any]]:
 MARKDOWN_COLUMNS = (
     "arm",
     "n",
-    "fault-free acc",
+    "fault-free acc (per input)",
     "acc under faults",
     "recovered",
     "detected",
@@ -302,7 +316,9 @@ def markdown_report(summary: dict[str, Any]) -> str:
         f"Fault: `{json.dumps(summary['fault'], sort_keys=True)}`, seed {summary['seed']}, "
         f"{summary['trials_planned']} trials over {summary['inputs']} inputs, batch size "
         f"{summary['batch_size']}. Intervals are {int(100 * summary['confidence'])}% "
-        "(Wilson for shares, paired bootstrap for the recovered fraction); the time ratio is "
+        "(Wilson for shares, paired bootstrap for the recovered fraction). Fault-free accuracy and "
+        "its interval are over distinct inputs (n = inputs), since trials of one input share its "
+        "fault-free run; the other columns are over trials. The time ratio is "
         "against the `none` arm on the same batches (median of per-batch ratios, with the interquartile range).\n\n"
     )
     outcome_lines = ["| arm | " + " | ".join(OUTCOMES) + " |", "|" + "---|" * (len(OUTCOMES) + 1)]
@@ -390,7 +406,34 @@ def load_summary_inputs(folder: str | Path) -> tuple[CampaignConfig, list[dict[s
 
 def render_folder(folder: str | Path) -> dict[str, Any]:
     """Merge shards, recompute the summary and rewrite every output file of ``folder``."""
-    config, records = load_summary_inputs(folder)
+    config, records = load_summary_inputs(_existing_folder(folder))
     summary = summarize(records, config)
     write_outputs(folder, summary, records)
     return summary
+
+
+def _existing_folder(folder: str | Path) -> Path:
+    from guard.errors import NotFoundError
+
+    path = Path(folder)
+    if not path.is_dir():
+        raise NotFoundError(f"folder {str(folder)!r} does not exist.")
+    return path
+
+
+def render_folder_with_counts(folder: str | Path) -> tuple[dict[str, Any] | None, int, int]:
+    """Like :func:`render_folder`, and also return the recorded and planned trial counts.
+
+    The counts are over all arms (trials times arms are planned). A folder without any trial
+    record is left as it is and gives ``(None, 0, planned)``. A missing folder raises
+    NotFoundError.
+    """
+    path = _existing_folder(folder)
+    config, records = load_summary_inputs(path)
+    planned = config.trials * len(config.arms)
+    recorded = sum(1 for record in records if record.get("kind") != "reference")
+    if recorded == 0:
+        return None, 0, planned
+    summary = summarize(records, config)
+    write_outputs(path, summary, records)
+    return summary, recorded, planned

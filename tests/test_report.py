@@ -167,3 +167,47 @@ def test_single_arm_has_no_recovery(tmp_path):
     assert summary["arms"][0]["recovered_fraction"] is None
     assert summary["arms"][0]["overhead"]["time_ratio"] is None
     assert "n/a" in report.markdown_table(summary)
+
+
+# ----- fault-free accuracy over inputs and folder notes -----------------------------------
+
+
+def test_fault_free_accuracy_counts_inputs_not_trials(tmp_path):
+    records = _records("none", [1.0] * 8, ["masked"] * 8, 1.0)
+    for record in records:
+        if record["kind"] == "trial" and record["input"] == 1:
+            record["golden_score"] = 0.0
+
+    arm = report.summarize(records, _config(tmp_path, arms=("none",)))["arms"][0]
+
+    assert arm["accuracy_fault_free"]["n"] == 2
+    assert arm["accuracy_fault_free"]["value"] == pytest.approx(0.5)
+    assert arm["accuracy_under_faults"]["n"] == 8
+
+
+def test_table_and_report_say_fault_free_accuracy_is_per_input(tmp_path):
+    summary = report.summarize(_ab_records(), _config(tmp_path))
+
+    assert "fault-free acc (per input)" in report.markdown_table(summary)
+    assert "over distinct inputs (n = inputs)" in report.markdown_report(summary)
+
+
+def test_render_missing_folder(tmp_path):
+    from guard.errors import NotFoundError
+
+    with pytest.raises(NotFoundError, match=r"^folder '.*nowhere' does not exist\.$"):
+        report.render_folder_with_counts(tmp_path / "nowhere")
+
+
+def test_render_counts_zero_and_partial(tmp_path):
+    config = _config(tmp_path)
+    store = ResultStore(tmp_path)
+    store.open(config, "ab")
+
+    assert report.render_folder_with_counts(tmp_path) == (None, 0, 16)
+
+    store.append([r for r in _ab_records() if r["arm"] == "none"])
+    summary, recorded, planned = report.render_folder_with_counts(tmp_path)
+
+    assert summary is not None
+    assert (recorded, planned) == (8, 16)
