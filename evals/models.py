@@ -191,11 +191,11 @@ def _looks_like_path(text: str) -> bool:
 
 
 def _check_local_source(name_or_path: str) -> str:
-    """Return what to pass to ``from_pretrained``, after the checks a local folder allows.
+    """Check a model folder or hub id and return the source for ``from_pretrained``.
 
     A folder without config.json, or a path that does not exist, raises NotFoundError before
-    transformers sees it. A bare name that is neither bundled nor a folder is refused with
-    close matches; ``owner/name`` is left to the hub cache.
+    transformers is called. A bare name that is neither bundled nor a folder raises with close
+    matches. An ``owner/name`` id (one slash, no leading ``/ . ~``) is left to the hub cache.
     """
     path = Path(name_or_path).expanduser()
     if path.is_dir():
@@ -206,7 +206,7 @@ def _check_local_source(name_or_path: str) -> str:
         return str(path)
     if path.exists():
         raise NotFoundError(
-            f"{str(path)!r} is a file, not a model folder. Pass the folder that holds config.json."
+            f"{str(path)!r} is a file, not a model folder. Pass the folder that contains config.json."
         )
     if name_or_path.startswith(("/", ".", "~")) or (
         _looks_like_path(name_or_path) and name_or_path.count("/") != 1

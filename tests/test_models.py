@@ -92,5 +92,6 @@ def test_unloadable_folder_gives_one_sentence(tmp_path):
 
     message = str(caught.value)
     assert message.startswith(f"Could not load model {str(tmp_path)!r} (")
-    assert ".." not in message and ".)" not in message
+    assert ".." not in message
+    assert ".)" not in message
     assert "\n" not in message

@@ -185,7 +185,7 @@ def test_fault_free_accuracy_counts_inputs_not_trials(tmp_path):
     assert arm["accuracy_under_faults"]["n"] == 8
 
 
-def test_table_and_report_say_fault_free_accuracy_is_per_input(tmp_path):
+def test_fault_free_column_says_per_input(tmp_path):
     summary = report.summarize(_ab_records(), _config(tmp_path))
 
     assert "fault-free acc (per input)" in report.markdown_table(summary)
