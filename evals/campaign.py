@@ -29,7 +29,7 @@ import torch
 from guard.errors import ConfigError, NotFoundError, SoftguardError, close_matches
 
 from evals import provenance
-from evals.config import CampaignConfig, parse_arm
+from evals.config import CampaignConfig, check_device, parse_arm
 from evals.store import ResultStore, record_key
 
 logger = logging.getLogger(__name__)
@@ -965,6 +965,8 @@ def run_campaign(
     """
     from evals import report
 
+    # Before anything is written: a bad device must not leave a config.json behind.
+    check_device(config.device, option="device")
     dist = distributed or detect_distributed(config.device)
     check_mitigation_names(config.mitigation_names())
     if task is None:
@@ -1007,7 +1009,12 @@ def run_campaign(
                     records = run_unit(context, unit, arm)
                     fresh = [record for record in records if record_key(record) not in done]
                     store.append(fresh)
-                    run += sum(1 for record in fresh if record["kind"] == "trial")
+                    # A batch with a lost record (torn or unreadable line) runs again. Its new
+                    # trials count as run and its kept ones as already recorded, so the two
+                    # counts add up to the trials in the table.
+                    new_trials = sum(1 for record in fresh if record["kind"] == "trial")
+                    run += new_trials
+                    skipped += len(unit.trial_ids) - new_trials
                 if progress is not None:
                     progress.update(1)
     finally:

@@ -9,8 +9,11 @@ logging.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
+import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -24,6 +27,30 @@ EXIT_INTERRUPTED = 130
 DEFAULT_PROMPT = "What is 17 + 25? Answer with the number only."
 DEFAULT_AB_ARMS = "none,mixed_precision,abft,dual_first_token,dynamic_shots,all"
 BIT_FIELDS = ("sign", "exponent", "exponent_msb", "mantissa")
+TASK_NAMES = ("arithmetic", "bigbench", "hf", "humaneval", "jsonl")
+# The roles of injectors.sites.ROLES, spelled out so that --help does not import torch.
+ROLE_NAMES = (
+    "q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "attention",
+    "activation", "norm", "embedding", "lm_head", "router", "expert", "shared_expert", "kv_cache", "linear",
+)
+FAULT_HELP = (
+    "fault description as inline YAML/JSON with three parts: site {kind: computation|weight|kv_cache, "
+    "role, module (name glob), layers}, time {stage: prefill|first_token|decode, step} and corruption "
+    "{bit: index or field name, field: sign|exponent|exponent_msb|mantissa}; parts left out are drawn "
+    "from the seed. Example: '{site: {role: down_proj}, time: {stage: first_token}, corruption: {field: exponent}}'"
+)
+# Internal names in error messages, and the flags the user typed for them.
+_FLAG_NAMES = {
+    "n_shots": "--shots",
+    "batch_size": "--batch-size",
+    "max_new_tokens": "--max-new-tokens",
+    "output_dir": "--output-dir",
+    "limit": "--limit",
+    "trials": "--trials",
+    "seed": "--seed",
+    "dtype": "--dtype",
+    "device": "--device",
+}
 
 
 # ----- parser -----------------------------------------------------------------------------
@@ -49,7 +76,12 @@ def _add_model_options(parser: argparse.ArgumentParser, defaults: bool = True) -
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--config", metavar="YAML", help="YAML file of settings (the keys are the long option names); flags override it"
+        "--config",
+        metavar="YAML",
+        help="YAML file of settings; flags given on the command line override it. Keys are this "
+        "command's long option names without the dashes (trials, batch-size or batch_size, shots, "
+        "mitigations, role, bit, ...) or the stored config fields (n_shots, task_options, arms as a list, "
+        "fault as a mapping)",
     )
     parser.add_argument(
         "--seed", type=int, help="seed for the fault draws (integer, default: 0); task data has its own seed option"
@@ -58,7 +90,12 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         "--output-dir", help="result folder; rerunning the same command into it resumes the run"
     )
 
-    parser.add_argument("--task", help="task name or task file (default: arithmetic)")
+    parser.add_argument(
+        "--task",
+        help="task name, NAME:PATH (e.g. jsonl:data.jsonl, bigbench:task.json) or a task file: a .jsonl "
+        "file, a BIG-bench task.json or a folder holding one (default: arithmetic; names: "
+        + ", ".join(TASK_NAMES) + ")",
+    )
     parser.add_argument(
         "--task-option",
         action="append",
@@ -79,7 +116,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--fault",
         metavar="YAML",
-        help="fault description as inline YAML/JSON: {site: {...}, time: {...}, corruption: {...}}",
+        help=FAULT_HELP,
     )
     _add_fault_shortcuts(parser)
     parser.add_argument("--no-progress", action="store_true", help="do not show progress bars")
@@ -89,14 +126,16 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
 def _add_fault_shortcuts(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("fault shortcuts (override parts of --fault)")
     group.add_argument("--kind", choices=("computation", "weight", "kv_cache"), help="fault site kind")
-    group.add_argument("--role", help="module role, such as down_proj, q_proj, lm_head")
+    group.add_argument("--role", help="module role: " + ", ".join(ROLE_NAMES) + " (see softguard sites)")
     group.add_argument("--module", help="module name glob, such as '*.mlp.down_proj'")
     group.add_argument("--layer", help="layer index, comma-separated indices, or 'all'")
     group.add_argument("--stage", choices=("prefill", "first_token", "decode"), help="inference stage of the fault")
     group.add_argument("--step", type=int, help="decode step (>= 1) for --stage decode")
     group.add_argument(
         "--bit",
-        help="bit to flip: an index (0 = least significant) or a field: sign, exponent, exponent_msb, mantissa",
+        help="bit to flip: an index (0 = least significant bit of the number format) or a field: sign "
+        "(the sign bit), exponent (a random exponent bit), exponent_msb (the top exponent bit) or mantissa "
+        "(a random mantissa bit); random bits are drawn from the seed",
     )
 
 
@@ -119,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(inject)
     _add_fault_shortcuts(inject)
     inject.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt text (the chat template is applied if the model has one)")
-    inject.add_argument("--fault", metavar="YAML", help="full fault description as inline YAML/JSON")
+    inject.add_argument("--fault", metavar="YAML", help=FAULT_HELP)
     inject.add_argument("--seed", type=int, default=0, help="seed for the open fault choices (default: 0)")
     inject.add_argument("--max-new-tokens", type=int, default=24, help="tokens to generate (default: 24)")
 
@@ -247,11 +286,117 @@ def _task_options(pairs: list[str]) -> dict[str, Any]:
     return options
 
 
+def _subcommand_options(kind: str) -> dict[str, argparse.Action]:
+    """Return the options of subcommand ``kind`` by destination (``batch_size``, ``shots``...)."""
+    parser = build_parser()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            sub = action.choices[kind]
+            return {a.dest: a for a in sub._actions if a.option_strings and a.dest not in ("help", "config")}
+    return {}
+
+
+def _as_flag_text(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(item) for item in value)
+    return str(value)
+
+
+def _apply_option_keys(settings: dict[str, Any], args: argparse.Namespace, kind: str) -> None:
+    """Move the keys of a YAML file that are option names (shots, role, bit...) onto ``args``.
+
+    A flag typed on the command line wins, so a key only fills an option that was not given.
+    Keys that are config fields (trials, n_shots, fault...) stay in ``settings``. Unknown keys
+    raise ConfigError with close matches among both spellings.
+    """
+    from evals.config import CampaignConfig
+
+    fields = {f.name for f in dataclasses.fields(CampaignConfig)}
+    options = _subcommand_options(kind)
+    for key in list(settings):
+        if key in fields:
+            continue
+        if key not in options:
+            from guard.errors import unknown_choice
+
+            choices = sorted(fields | {dest.replace("_", "-") for dest in options})
+            raise ConfigError(f"{args.config}: " + unknown_choice("setting", key, choices))
+        value = settings.pop(key)
+        current = getattr(args, key, None)
+        if key == "no_progress":
+            if not current:
+                args.no_progress = bool(value)
+        elif key == "task_option":
+            if isinstance(value, dict):
+                settings["task_options"] = {**settings.get("task_options", {}), **value}
+            else:
+                items = value if isinstance(value, list) else [value]
+                args.task_option = [str(item) for item in items] + list(current or [])
+        elif current is None:
+            action = options[key]
+            text = _as_flag_text(value)
+            if action.type is int:
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise ConfigError(f"{args.config}: {key.replace('_', '-')}={value!r} must be an integer.")
+                setattr(args, key, value)
+            else:
+                if action.choices and text not in action.choices:
+                    from guard.errors import unknown_choice
+
+                    raise ConfigError(f"{args.config}: " + unknown_choice(key, text, action.choices))
+                setattr(args, key, text)
+
+
+def resolve_task_argument(task: Any) -> Any:
+    """Turn a task file given as ``--task`` into the NAME:PATH form; check plain task names.
+
+    A .jsonl file becomes ``jsonl:PATH``; a .json file (a BIG-bench task) or a folder holding a
+    task.json becomes ``bigbench:PATH``. Registered names and NAME:PATH pass unchanged.
+    """
+    if not isinstance(task, str) or not task.strip():
+        return task
+    from evals.tasks import available_tasks
+
+    name = task.strip()
+    base = name.partition(":")[0]
+    if base in available_tasks() and ":" in name:
+        return name
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix == ".jsonl":
+        return f"jsonl:{path}"
+    if path.is_file() and path.suffix == ".json":
+        return f"bigbench:{path}"
+    if path.is_dir():
+        if (path / "task.json").is_file():
+            return f"bigbench:{path}"
+        raise ConfigError(
+            f"--task={name!r} is a folder without a task.json. Give a BIG-bench task folder, "
+            "a .jsonl file or a task name."
+        )
+    if name in available_tasks():
+        return name
+    if path.exists():
+        raise ConfigError(
+            f"--task={name!r} is neither a .jsonl file nor a BIG-bench .json task file. "
+            "Use the NAME:PATH form for other files, e.g. jsonl:data.txt."
+        )
+    from guard.errors import close_matches
+
+    looks_like_path = name.startswith(("/", ".", "~")) or os.sep in name or name.endswith((".json", ".jsonl"))
+    what = f"--task={name!r} is a file or folder that does not exist" if looks_like_path else f"unknown task {name!r}"
+    raise ConfigError(
+        f"{what}.{close_matches(name, available_tasks())} "
+        f"Task names: {', '.join(available_tasks())}; or give a .jsonl file, a BIG-bench task.json "
+        "(or its folder), or NAME:PATH such as jsonl:data.jsonl or bigbench:task.json."
+    )
+
+
 def config_from_args(args: argparse.Namespace, kind: str):
     """Build a CampaignConfig from the YAML file (if any) and the flags given."""
-    from evals.config import DEFAULT_FAULT, CampaignConfig, load_yaml_settings
+    from evals.config import DEFAULT_FAULT, CampaignConfig, check_device, load_yaml_settings
 
     settings: dict[str, Any] = load_yaml_settings(args.config) if args.config else {}
+    _apply_option_keys(settings, args, kind)
     flags = {
         "model": args.model,
         "dtype": args.dtype,
@@ -282,14 +427,21 @@ def config_from_args(args: argparse.Namespace, kind: str):
         elif "arms" not in settings:
             settings["arms"] = DEFAULT_AB_ARMS.split(",")
     settings.setdefault("output_dir", f"softguard-runs/{kind}")
-    return CampaignConfig.from_dict(settings, source=args.config or "settings")
+    if "task" in settings:
+        settings["task"] = resolve_task_argument(settings["task"])
+    config = CampaignConfig.from_dict(settings, source=args.config or "settings")
+    check_device(config.device)
+    return config
 
 
 # ----- commands ---------------------------------------------------------------------------
 
 
 def _load(model: str, dtype: str, device: str):
+    from evals.config import check_device
     from evals.models import load_model
+
+    check_device(device)
 
     return load_model(model, dtype=dtype, device=device)
 
@@ -377,11 +529,25 @@ def command_inject(args: argparse.Namespace) -> int:
     return 0
 
 
+def _silence_loading_bars() -> None:
+    """Hide the progress bars transformers and the hub client draw while loading weights."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+    except ImportError:
+        return
+    disable_progress_bars()
+
+
 def command_campaign(args: argparse.Namespace, kind: str) -> int:
     from evals import report
     from evals.campaign import run_campaign
 
     config = config_from_args(args, kind)
+    if not config.progress:
+        _silence_loading_bars()
     result = run_campaign(config, kind=kind)
     if result.summary is None:
         return 0
@@ -411,6 +577,9 @@ def command_bench(args: argparse.Namespace) -> int:
         parts=tuple(part.strip() for part in args.only.split(",")) if args.only else bench.PARTS,
         seed=args.seed,
     )
+    from evals.config import check_device
+
+    check_device(args.device)
     if args.json:
         from evals.store import ensure_writable
 
@@ -426,6 +595,10 @@ def command_bench(args: argparse.Namespace) -> int:
 def command_replay(args: argparse.Namespace) -> int:
     from evals.replay import replay_trial
 
+    if args.device is not None:
+        from evals.config import check_device
+
+        check_device(args.device)
     outcome = replay_trial(args.folder, args.trial, arm=args.arm, device=args.device)
     print("fault:", json.dumps(outcome["fault"], sort_keys=True))
     print("recorded tokens:", outcome["recorded_tokens"])
@@ -439,13 +612,30 @@ def command_replay(args: argparse.Namespace) -> int:
 def command_report(args: argparse.Namespace) -> int:
     from evals import report
 
-    summary = report.render_folder(args.folder)
+    summary, recorded, planned = report.render_folder_with_counts(args.folder)
+    if summary is None:
+        print(
+            f"softguard report: no trials recorded yet in {args.folder}; run the same campaign or ab "
+            "command again to resume.",
+            file=sys.stderr,
+        )
+        return 1
     print(report.markdown_table(summary), end="")
     print(f"rewrote the summaries and plots in {args.folder}")
+    if recorded < planned:
+        print(f"note: {recorded} of {planned} planned trials recorded; rerun the campaign command to finish.")
     return 0
 
 
 # ----- entry point ------------------------------------------------------------------------
+
+
+_INTERNAL_NAME = re.compile(r"(?<![\w.\-'\[])(" + "|".join(_FLAG_NAMES) + r")(?=(=| <=| >=| must))")
+
+
+def flag_wording(message: str) -> str:
+    """Replace config field names that stand before a value (``batch_size=1``) with their flags."""
+    return _INTERNAL_NAME.sub(lambda match: _FLAG_NAMES[match.group(1)], message)
 
 
 def _configure_logging(verbosity: int) -> None:
@@ -475,7 +665,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handlers[args.command](args)
     except SoftguardError as error:
-        print(f"softguard {args.command}: error: {error}", file=sys.stderr)
+        message = str(error)
+        if args.command in ("campaign", "ab"):
+            message = flag_wording(message)
+        print(f"softguard {args.command}: error: {message}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print(

@@ -197,6 +197,42 @@ class CampaignConfig:
         return cls(**dict(data))
 
 
+def check_device(device: object, option: str = "--device") -> str:
+    """Check that ``device`` names a torch device that exists here; return it unchanged.
+
+    Raises ConfigError for a name torch cannot parse (``gpu``) and for an accelerator this
+    machine or this build of torch lacks (``cuda:0`` on a CPU-only build).
+    """
+    import torch
+
+    text = str(device).strip()
+    try:
+        parsed = torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        raise ConfigError(
+            f"{option}={text!r} is not a torch device. Use cpu, cuda or cuda:N (N = GPU index)."
+        ) from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"{option}={text!r} asks for CUDA, but this build of torch or this machine has no usable "
+                "CUDA GPU. Use --device cpu."
+            )
+        count = torch.cuda.device_count()
+        if parsed.index is not None and parsed.index >= count:
+            raise ConfigError(
+                f"{option}={text!r} names GPU {parsed.index}, but this machine has {count} "
+                f"(indices 0 to {count - 1})."
+            )
+    elif parsed.type == "mps":
+        backend = getattr(torch.backends, "mps", None)
+        if backend is None or not backend.is_available():
+            raise ConfigError(f"{option}={text!r} asks for Apple MPS, which is not available here. Use --device cpu.")
+    elif parsed.type != "cpu":
+        raise ConfigError(f"{option}={text!r} is not supported. Use cpu, cuda or cuda:N.")
+    return text
+
+
 def load_yaml_settings(path: str | Path) -> dict[str, Any]:
     """Read a YAML settings file into a dict; a missing or malformed file raises ConfigError."""
     import yaml

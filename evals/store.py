@@ -132,6 +132,13 @@ class ResultStore:
             previous = CampaignConfig.from_dict(stored["config"], source=str(self.config_path))
             if previous.fingerprint() != config.fingerprint():
                 changes = "; ".join(config.differences(previous)) or "settings differ"
+                if not self.records():
+                    # Only trial records need the old config, and this folder has none.
+                    logger.warning(
+                        "Replacing the config.json of %s, which has no recorded trials (%s)", self.folder, changes
+                    )
+                    self.config_path.unlink()
+                    return self.open(config, kind, provenance)
                 raise ConfigError(
                     f"output_dir={str(self.folder)!r} holds results of a different config ({changes}). "
                     "Use another --output-dir, or rerun with the settings stored in its config.json."

@@ -151,7 +151,7 @@ def test_error_bad_bit(capsys):
 def test_error_bad_batch_size(capsys, tiny_folder, tmp_path):
     line = _error_line(capsys, _campaign_args(tiny_folder, tmp_path) + ["--batch-size", "1"])
 
-    assert "batch_size=1 is too small" in line
+    assert "--batch-size=1 is too small" in line
 
 
 def test_error_other_config_in_folder(capsys, tiny_folder, tmp_path):
@@ -268,3 +268,241 @@ def test_fault_shortcuts_override_fault(tiny_folder, tmp_path):
 
     assert config.fault["site"] == {"role": "q_proj", "layers": [0, 1]}
     assert config.fault["corruption"] == {"bit": 7}
+
+
+# ----- device checks and config.json without trials ---------------------------------------
+
+
+def test_error_device_not_a_torch_device(capsys, tiny_folder, tmp_path):
+    line = _error_line(capsys, _campaign_args(tiny_folder, tmp_path / "out", "--device", "gpu"))
+
+    assert "--device='gpu' is not a torch device" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_error_cuda_device_without_cuda(capsys, tiny_folder, tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+    line = _error_line(capsys, _campaign_args(tiny_folder, tmp_path / "out", "--device", "cuda:0"))
+
+    assert "no usable CUDA GPU" in line
+    assert "--device cpu" in line
+    assert not (tmp_path / "out" / "config.json").exists()
+
+
+def test_error_device_for_sites(capsys, tiny_folder):
+    line = _error_line(capsys, ["sites", "--model", str(tiny_folder), "--device", "gpu"])
+
+    assert "--device='gpu'" in line
+
+
+def test_config_without_trials_is_replaced(capsys, tiny_folder, tmp_path, caplog):
+    from evals.config import CampaignConfig
+    from evals.store import ResultStore
+
+    stale = CampaignConfig(model=str(tiny_folder), seed=5, output_dir=str(tmp_path))
+    ResultStore(tmp_path).open(stale, "campaign")
+
+    status = cli.main(_campaign_args(tiny_folder, tmp_path))
+
+    assert status == 0
+    stored = json.loads((tmp_path / "config.json").read_text())["config"]
+    assert stored["seed"] == 0
+    assert "no recorded trials" in caplog.text
+
+
+# ----- YAML keys spelled as options -------------------------------------------------------
+
+
+def test_yaml_config_accepts_option_names(tiny_folder, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "shots: 1\nmitigations: [abft]\nrole: o_proj\nbit: exponent_msb\nbatch-size: 3\n"
+        "max-new-tokens: 4\nno-progress: true\ntask-option: {n: 2}\nlayer: [0, 1]\nstage: prefill\n"
+    )
+    args = cli.build_parser().parse_args(["campaign", "--config", str(config), "--role", "q_proj"])
+
+    settings = cli.config_from_args(args, "campaign")
+
+    assert settings.n_shots == 1
+    assert settings.arms == ["abft"]
+    assert settings.batch_size == 3
+    assert settings.max_new_tokens == 4
+    assert settings.progress is False
+    assert settings.task_options == {"n": 2}
+    assert settings.fault["site"] == {"role": "q_proj", "layers": [0, 1]}
+    assert settings.fault["time"] == {"stage": "prefill"}
+    assert settings.fault["corruption"] == {"field": "exponent_msb"}
+
+
+def test_yaml_config_typo_suggests_option_name(capsys, tiny_folder, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("mitigation: abft\n")
+
+    line = _error_line(capsys, _campaign_args(tiny_folder, tmp_path / "out", "--config", str(config)))
+
+    assert "setting='mitigation' is not valid. Did you mean 'mitigations'" in line
+
+
+def test_yaml_config_bad_choice(capsys, tiny_folder, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("stage: decoding\n")
+
+    line = _error_line(capsys, _campaign_args(tiny_folder, tmp_path / "out", "--config", str(config)))
+
+    assert "stage='decoding' is not valid" in line
+
+
+def test_help_describes_config_keys(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["campaign", "--help"])
+
+    text = " ".join(capsys.readouterr().out.split())
+    assert "long option names without the dashes" in text
+    assert "n_shots" in text
+
+
+# ----- task files -------------------------------------------------------------------------
+
+
+def _task_of(tiny_folder, tmp_path, task):
+    args = cli.build_parser().parse_args(_campaign_args(tiny_folder, tmp_path / "out", "--task", str(task)))
+    return cli.config_from_args(args, "campaign").task
+
+
+def test_task_jsonl_file(tiny_folder, tmp_path):
+    data = tmp_path / "qa.jsonl"
+    data.write_text('{"input": "1+1", "target": "2"}\n')
+
+    assert _task_of(tiny_folder, tmp_path, data) == f"jsonl:{data}"
+
+
+def test_task_bigbench_file_and_folder(tiny_folder, tmp_path):
+    folder = tmp_path / "bb"
+    folder.mkdir()
+    (folder / "task.json").write_text('{"name": "bb", "examples": []}')
+
+    assert _task_of(tiny_folder, tmp_path, folder / "task.json") == f"bigbench:{folder / 'task.json'}"
+    assert _task_of(tiny_folder, tmp_path, folder) == f"bigbench:{folder}"
+
+
+def test_task_name_and_name_path_unchanged(tiny_folder, tmp_path):
+    assert _task_of(tiny_folder, tmp_path, "arithmetic") == "arithmetic"
+    assert _task_of(tiny_folder, tmp_path, "jsonl:x.jsonl") == "jsonl:x.jsonl"
+
+
+def test_error_task_folder_without_task_json(capsys, tiny_folder, tmp_path):
+    line = _error_line(capsys, _campaign_args(tiny_folder, tmp_path / "out", "--task", str(tmp_path)))
+
+    assert "is a folder without a task.json" in line
+
+
+def test_error_unknown_task_mentions_name_path(capsys, tiny_folder, tmp_path):
+    line = _error_line(capsys, _campaign_args(tiny_folder, tmp_path / "out", "--task", "arithmatic"))
+
+    assert "Did you mean 'arithmetic'" in line
+    assert "NAME:PATH" in line
+
+
+def test_error_missing_task_file(capsys, tiny_folder, tmp_path):
+    line = _error_line(capsys, _campaign_args(tiny_folder, tmp_path / "out", "--task", "./absent.jsonl"))
+
+    assert "does not exist" in line
+
+
+def test_help_lists_tasks_roles_and_bits(capsys):
+    from injectors.sites import ROLES
+
+    with pytest.raises(SystemExit):
+        cli.main(["campaign", "--help"])
+
+    text = " ".join(capsys.readouterr().out.split())
+    assert "NAME:PATH" in text
+    assert "humaneval" in text
+    assert "down_proj" in text
+    assert "lm_head" in text
+    assert "exponent_msb (the top exponent bit)" in text
+    assert "corruption" in text
+    assert set(cli.ROLE_NAMES) == set(ROLES)
+
+
+# ----- report notes -----------------------------------------------------------------------
+
+
+def test_report_missing_folder(capsys, tmp_path):
+    line = _error_line(capsys, ["report", str(tmp_path / "nowhere")])
+
+    assert line.endswith(f"folder {str(tmp_path / 'nowhere')!r} does not exist.")
+
+
+def test_report_without_trials(capsys, tiny_folder, tmp_path):
+    from evals.config import CampaignConfig
+    from evals.store import ResultStore
+
+    ResultStore(tmp_path).open(CampaignConfig(model=str(tiny_folder), output_dir=str(tmp_path)), "campaign")
+
+    status = cli.main(["report", str(tmp_path)])
+
+    captured = capsys.readouterr()
+    assert status == 1
+    assert "no trials recorded yet" in captured.err
+    assert "run the same campaign or ab command again to resume" in captured.err
+    assert "| arm |" not in captured.out
+
+
+def test_report_on_partial_run(capsys, tiny_folder, tmp_path):
+    assert cli.main(_campaign_args(tiny_folder, tmp_path)) == 0
+    lines = (tmp_path / "trials.jsonl").read_text().splitlines(keepends=True)
+    kept = [line for line in lines if '"trial": 5' not in line]
+    (tmp_path / "trials.jsonl").write_text("".join(kept))
+    capsys.readouterr()
+
+    status = cli.main(["report", str(tmp_path)])
+
+    out = capsys.readouterr().out
+    assert status == 0
+    assert "5 of 6 planned trials recorded; rerun the campaign command to finish." in out
+
+
+# ----- wording ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "flag, value, expected",
+    [("--limit", "0", "--limit=0 is too small"), ("--batch-size", "0", "--batch-size=0 is too small"),
+     ("--shots", "-1", "--shots=-1 is too small"), ("--trials", "0", "--trials=0 is too small")],
+)
+def test_errors_use_flag_names(capsys, tiny_folder, tmp_path, flag, value, expected):
+    line = _error_line(capsys, _campaign_args(tiny_folder, tmp_path) + [flag, value])
+
+    assert expected in line
+
+
+def test_flag_wording_keeps_other_text():
+    message = "n_shots=99 is more than the 8 few-shot examples of task arithmetic. Pass n_shots <= 8."
+
+    assert cli.flag_wording(message) == (
+        "--shots=99 is more than the 8 few-shot examples of task arithmetic. Pass --shots <= 8."
+    )
+    assert cli.flag_wording("task 'x' has no option 'limit'.") == "task 'x' has no option 'limit'."
+    assert cli.flag_wording("--limit=3 already") == "--limit=3 already"
+
+
+def test_error_too_many_shots_names_flag(capsys, tiny_folder, tmp_path):
+    line = _error_line(capsys, _campaign_args(tiny_folder, tmp_path, "--shots", "99"))
+
+    assert "--shots=99" in line
+    assert "n_shots" not in line
+
+
+def test_no_progress_silences_loading_bars(tiny_folder, tmp_path):
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.enable_progress_bar()
+    try:
+        assert cli.main(_campaign_args(tiny_folder, tmp_path)) == 0
+        assert not transformers_logging.is_progress_bar_enabled()
+    finally:
+        transformers_logging.enable_progress_bar()

@@ -91,3 +91,21 @@ def test_killed_campaign_resumes_to_same_result(tiny_folder, reference_dir, tmp_
     assert partial < len(_records_without_timing(reference_dir))
     assert _records_without_timing(resumed_dir) == _records_without_timing(reference_dir)
     assert _summary_without_timing(resumed_dir) == _summary_without_timing(reference_dir)
+
+
+def test_corrupt_line_resume_counts_add_up(tiny_folder, reference_dir, tmp_path):
+    folder = tmp_path / "damaged"
+    folder.mkdir()
+    (folder / "config.json").write_text((reference_dir / "config.json").read_text())
+    lines = (reference_dir / "trials.jsonl").read_text().splitlines(keepends=True)
+    middle = next(i for i, line in enumerate(lines) if i > len(lines) // 2 and '"kind": "trial"' in line)
+    lines[middle] = "{not json\n"
+    (folder / "trials.jsonl").write_text("".join(lines))
+
+    rerun = _run(_command(tiny_folder, folder))
+
+    assert rerun.returncode == 0, rerun.stderr
+    last = rerun.stdout.strip().splitlines()[-1]
+    # 24 trials in each of the two arms: one re-run, the rest already recorded.
+    assert last.startswith("1 trials run, 47 already recorded;"), last
+    assert _records_without_timing(folder) == _records_without_timing(reference_dir)
