@@ -76,6 +76,11 @@ class GuardContext:
             if self._timed_depth == 0 and self.call is not None:
                 self.call.time_added_s += time.perf_counter() - start
 
+    def add_time_since(self, start: float) -> None:
+        """Add ``perf_counter() - start`` to the call's ``time_added_s`` unless inside :meth:`timed`."""
+        if self._timed_depth == 0 and self.call is not None:
+            self.call.time_added_s += time.perf_counter() - start
+
     def redundant(self):
         """Run nested forwards as recomputations that do not advance the stage count."""
         return self.tracker.redundant()

@@ -149,15 +149,14 @@ def test_exponent_flip_detected_and_corrected(dtype):
 
 def test_probabilistic_bound_is_tighter(tiny_llama):
     guard.protect(tiny_llama, [ABFT(bound="probabilistic")])
-    probabilistic = guard.protected_mitigations(tiny_llama)[0].layers[1]
-    x = torch.randn(3, probabilistic.in_features, dtype=torch.float64)
-    y_abs = torch.zeros(3, dtype=torch.float64)
-    tight = probabilistic.tolerance(x.abs(), y_abs, torch.float32)
+    tight_gamma, tight_u = guard.protected_mitigations(tiny_llama)[0].layers[1].tolerance_factors(torch.float32)
     guard.unprotect(tiny_llama)
     guard.protect(tiny_llama, [ABFT()])
-    worst = guard.protected_mitigations(tiny_llama)[0].layers[1].tolerance(x.abs(), y_abs, torch.float32)
+    worst_gamma, worst_u = guard.protected_mitigations(tiny_llama)[0].layers[1].tolerance_factors(torch.float32)
     guard.unprotect(tiny_llama)
-    assert (tight < worst).all()
+
+    assert tight_gamma < worst_gamma
+    assert tight_u == worst_u
 
 
 def test_unchecked_layer_not_detected(tiny_llama):

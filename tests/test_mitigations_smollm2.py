@@ -44,7 +44,6 @@ def first_token_faults(model, inputs, role, seed, n=1, row=None):
     )
 
 
-@pytest.mark.slow
 def test_fault_free_tokens_equal_fifty_prompts(smollm2, batch):
     model, _ = smollm2
     inputs, golden = batch
@@ -59,7 +58,6 @@ def test_fault_free_tokens_equal_fifty_prompts(smollm2, batch):
     assert report.total_detections == 0
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_abft_no_false_alarm(smollm2, batch, dtype):
     """Every linear layer checked over 50 prompts: not one detection in any format."""
