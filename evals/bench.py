@@ -11,6 +11,9 @@ inside every repetition, so slow drift of a shared machine hits all variants ali
   second of the same prompts at the same batch size (the limit), and over a sequential loop
   of one ``generate`` per trial.
 * ``prefix``: decode-step trials with and without reuse of the golden prefix cache.
+
+Every compared path runs once untimed before the first repetition, so no ratio includes a
+cold start. Fewer than 3 repetitions log a warning.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ from evals import provenance, stats
 logger = logging.getLogger(__name__)
 
 PARTS = ("overhead", "campaign", "prefix")
+# With fewer repetitions, one noisy run can move the median ratio a lot.
+MIN_RELIABLE_REPEATS = 3
+FEW_REPEATS_WARNING = "ratios from fewer than 3 repeats are unreliable"
 ALL_LINEAR_ABFT = "all_linear_abft"
 ALL_FOUR = "all_four"
 INJECTOR_IDLE = "injector_idle"
@@ -68,16 +74,23 @@ class BenchOptions:
                      "sequential_trials", "prefix_prompt_tokens", "prefix_trials"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name}={value!r} must be an integer >= 1.")
+                raise ConfigError(f"{_flag(name)}={value!r} is invalid: give an integer >= 1.")
         if isinstance(self.campaign_batch_size, bool) or not isinstance(self.campaign_batch_size, int) or self.campaign_batch_size < 2:
             raise ConfigError(
-                f"campaign_batch_size={self.campaign_batch_size!r} must be an integer >= 2 "
+                f"--campaign-batch-size={self.campaign_batch_size!r} is invalid: give an integer >= 2 "
                 "(one reference row plus at least one trial)."
             )
+        if self.repeats < MIN_RELIABLE_REPEATS:
+            logger.warning("--repeats=%d: %s; use --repeats 3 or more", self.repeats, FEW_REPEATS_WARNING)
         self.parts = tuple(self.parts)
         for part in self.parts:
             if part not in PARTS:
                 raise ConfigError(unknown_choice("--only", part, PARTS))
+
+
+def _flag(name: str) -> str:
+    """Return the command-line flag of a BenchOptions field (``batch_size`` -> ``--batch-size``)."""
+    return "--" + name.replace("_", "-")
 
 
 # ----- inputs -----------------------------------------------------------------------------
@@ -187,41 +200,52 @@ def measure_overhead(model, tokenizer, options: BenchOptions) -> dict[str, Any]:
     def unprotected() -> None:
         _generate(model, tokenizer, prompts, options.new_tokens)
 
-    unprotected()  # warm-up: first calls allocate caches and pick kernels
     pairs: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
     detail: dict[str, dict[str, Any]] = {name: {"extra_forward_passes": 0, "extra_memory_bytes": 0} for name in names}
     prefill_pairs: list[tuple[float, float]] = []
+
+    def protected_run(name: str) -> float:
+        """Time one generate of variant ``name`` and record its passes, memory and hooks."""
+        if name == INJECTOR_IDLE:
+            from injectors import Injector
+
+            injector = Injector(model)
+            hooks_before = _hook_count(model)
+            with injector.armed([]):
+                hooks_armed = _hook_count(model)
+                seconds = _seconds(unprotected)
+            detail[name]["hooks_added"] = hooks_armed - hooks_before
+            return seconds
+        objects = factories[name]()
+        guard.protect(model, mitigations=objects)
+        try:
+            report = guard.get_report(model)
+            report.reset()
+            seconds = _seconds(unprotected)
+            call = report.last_call
+            held = held_tensor_bytes(objects, model)
+        finally:
+            guard.unprotect(model)
+        if call is not None:
+            detail[name]["extra_forward_passes"] = int(call.extra_forward_passes)
+            detail[name]["extra_memory_bytes"] = max(
+                detail[name]["extra_memory_bytes"], int(call.extra_memory_bytes) + held
+            )
+            detail[name]["detections"] = len(call.detections)
+        return seconds
+
+    # Warm-up of every path, untimed: first calls allocate caches and pick kernels, and a
+    # protected variant has its own first-call costs (checksums, copies, hooks).
+    unprotected()
+    for name in names:
+        protected_run(name)
+    _generate(model, tokenizer, prompts, 1)
     for repetition in range(options.repeats):
         # Rotate the order so no variant always runs first after the previous repetition.
         order = names[repetition % len(names) :] + names[: repetition % len(names)]
         for name in order:
             base = _seconds(unprotected)
-            if name == INJECTOR_IDLE:
-                from injectors import Injector
-
-                injector = Injector(model)
-                hooks_before = _hook_count(model)
-                with injector.armed([]):
-                    hooks_armed = _hook_count(model)
-                    protected = _seconds(unprotected)
-                detail[name]["hooks_added"] = hooks_armed - hooks_before
-            else:
-                objects = factories[name]()
-                guard.protect(model, mitigations=objects)
-                try:
-                    report = guard.get_report(model)
-                    report.reset()
-                    protected = _seconds(unprotected)
-                    call = report.last_call
-                    held = held_tensor_bytes(objects, model)
-                finally:
-                    guard.unprotect(model)
-                if call is not None:
-                    detail[name]["extra_forward_passes"] = int(call.extra_forward_passes)
-                    detail[name]["extra_memory_bytes"] = max(
-                        detail[name]["extra_memory_bytes"], int(call.extra_memory_bytes) + held
-                    )
-                    detail[name]["detections"] = len(call.detections)
+            protected = protected_run(name)
             pairs[name].append((protected, base))
         # One prefill alone (a single new token) against a full generate, for the dual
         # first-token bound: its ratio should stay under 1 + prefill / generate.
@@ -292,7 +316,10 @@ def measure_campaign(model, tokenizer, options: BenchOptions) -> dict[str, Any]:
     limit_rows = options.campaign_batch_size * len(prompts)
     campaign_pairs, sequential_pairs = [], []
     try:
-        limit()  # warm-up
+        # Warm-up of all three paths, untimed (the campaign one writes to its own folder).
+        limit()
+        campaign(-1)
+        sequential()
         for repetition in range(options.repeats):
             limit_s = _seconds(limit)
             campaign_s = _seconds(lambda: campaign(repetition))
@@ -357,6 +384,9 @@ def measure_prefix(model, tokenizer, options: BenchOptions) -> dict[str, Any]:
     pairs = []
     same_tokens = True
     try:
+        # Warm-up of both paths, untimed.
+        campaign(True, -1)
+        campaign(False, -1)
         for repetition in range(options.repeats):
             order = (True, False) if repetition % 2 else (False, True)
             timings = {}
@@ -407,6 +437,7 @@ def run_bench(options: BenchOptions, model=None, tokenizer=None) -> dict[str, An
         },
         "machine": {**provenance.machine_info(), "device": provenance.device_info(options.device),
                     "versions": provenance.library_versions()},
+        "warnings": [FEW_REPEATS_WARNING] if options.repeats < MIN_RELIABLE_REPEATS else [],
     }
     if "overhead" in options.parts:
         results.update(measure_overhead(model, tokenizer, options))
@@ -419,20 +450,30 @@ def run_bench(options: BenchOptions, model=None, tokenizer=None) -> dict[str, An
 
 def format_results(results: dict[str, Any]) -> str:
     """Return a short text table of the ratios with their interquartile ranges."""
-    lines = []
-    for key in ("campaign_vs_limit", "campaign_vs_sequential", "prefix_reuse_speedup"):
+    labels = {
+        "campaign_vs_limit": "campaign / fault-free batched rows (throughput ratio)",
+        "campaign_vs_sequential": "campaign / sequential loop (throughput ratio)",
+        "prefix_reuse_speedup": "prefix reuse speed-up (time ratio)",
+    }
+    lines = [f"note: {warning}" for warning in results.get("warnings", [])]
+    for key, label in labels.items():
         value = results.get(key)
-        lines.append(f"{key:<28} {'n/a' if value is None else f'{value:.2f}'}")
+        lines.append(f"{label:<56} {'n/a' if value is None else f'{value:.2f}x'}")
     detail = results.get("overhead_detail", {})
     if detail:
         lines.append("")
-        lines.append(f"{'overhead (protected / unprotected)':<36} {'median':>7} {'IQR':>13} {'extra passes':>13} {'extra memory':>13}")
+        lines.append(
+            f"{'overhead variant':<22} {'time ratio (median)':>20} {'time ratio IQR':>15} "
+            f"{'extra passes/call':>18} {'extra memory (% of param bytes)':>32}"
+        )
         for name, item in detail.items():
             memory = f"{100 * item.get('extra_memory_fraction', 0.0):.2f}%"
+            spread = f"{item['q1']:.3f}-{item['q3']:.3f}"
             lines.append(
-                f"{name:<36} {item['ratio']:>7.3f} {item['q1']:>6.3f}-{item['q3']:<6.3f} "
-                f"{item.get('extra_forward_passes', 0):>13} {memory:>13}"
+                f"{name:<22} {item['ratio']:>19.3f}x {spread:>15} "
+                f"{item.get('extra_forward_passes', 0):>18} {memory:>32}"
             )
         if "one_extra_prefill_ratio" in results:
-            lines.append(f"{'(one extra prefill would be)':<36} {results['one_extra_prefill_ratio']:>7.3f}")
+            lines.append(f"{'one extra prefill':<22} {results['one_extra_prefill_ratio']:>19.3f}x")
+        lines.append("time ratio = protected generate time / unprotected generate time on the same batch")
     return "\n".join(lines) + "\n"

@@ -93,7 +93,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--task",
         help="task name, NAME:PATH (e.g. jsonl:data.jsonl, bigbench:task.json) or a task file: a .jsonl "
-        "file, a BIG-bench task.json or a folder holding one (default: arithmetic; names: "
+        "file, a BIG-bench task.json or a folder containing one (default: arithmetic; names: "
         + ", ".join(TASK_NAMES) + ")",
     )
     parser.add_argument(
@@ -337,7 +337,7 @@ def _apply_option_keys(settings: dict[str, Any], args: argparse.Namespace, kind:
             text = _as_flag_text(value)
             if action.type is int:
                 if isinstance(value, bool) or not isinstance(value, int):
-                    raise ConfigError(f"{args.config}: {key.replace('_', '-')}={value!r} must be an integer.")
+                    raise ConfigError(f"{args.config}: {key.replace('_', '-')}={value!r} is invalid: give an integer.")
                 setattr(args, key, value)
             else:
                 if action.choices and text not in action.choices:
@@ -350,7 +350,7 @@ def _apply_option_keys(settings: dict[str, Any], args: argparse.Namespace, kind:
 def resolve_task_argument(task: Any) -> Any:
     """Turn a task file given as ``--task`` into the NAME:PATH form; check plain task names.
 
-    A .jsonl file becomes ``jsonl:PATH``; a .json file (a BIG-bench task) or a folder holding a
+    A .jsonl file becomes ``jsonl:PATH``; a .json file (a BIG-bench task) or a folder containing a
     task.json becomes ``bigbench:PATH``. Registered names and NAME:PATH pass unchanged.
     """
     if not isinstance(task, str) or not task.strip():

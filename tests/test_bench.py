@@ -61,12 +61,12 @@ def test_bench_json_serializable(results):
 def test_bench_text_lists_variants(results):
     text = bench.format_results(results)
 
-    assert "campaign_vs_limit" in text
+    assert "campaign / fault-free batched rows (throughput ratio)" in text
     assert "all_linear_abft" in text
 
 
 def test_bench_options_reject_small_batch():
-    with pytest.raises(ConfigError, match=r"campaign_batch_size=1 must be an integer >= 2"):
+    with pytest.raises(ConfigError, match=r"--campaign-batch-size=1 is invalid: give an integer >= 2"):
         bench.BenchOptions(campaign_batch_size=1)
 
 
@@ -87,4 +87,63 @@ def test_bench_cli_writes_json(capsys, tiny_folder, tmp_path):
     data = json.loads(target.read_text())
     assert set(data["overhead"]) == REQUIRED_VARIANTS
     assert data["campaign_vs_limit"] is None
-    assert "wrote" in capsys.readouterr().out
+    assert data["warnings"] == ["ratios from fewer than 3 repeats are unreliable"]
+    out = capsys.readouterr().out
+    assert "wrote" in out
+    assert "note: ratios from fewer than 3 repeats are unreliable" in out
+
+
+# ----- warm-up, units and short runs ------------------------------------------------------
+
+
+def test_bench_text_names_units(results):
+    text = bench.format_results(results)
+
+    assert "time ratio (median)" in text
+    assert "extra memory (% of param bytes)" in text
+    assert "time ratio = protected generate time / unprotected generate time" in text
+
+
+def test_bench_few_repeats_warn(caplog):
+    options = bench.BenchOptions(repeats=2)
+
+    assert options.repeats == 2
+    assert "ratios from fewer than 3 repeats are unreliable" in caplog.text
+
+
+def test_bench_options_use_flag_names():
+    with pytest.raises(ConfigError, match=r"^--new-tokens=0 is invalid: give an integer >= 1\.$"):
+        bench.BenchOptions(new_tokens=0)
+
+
+def test_bench_warms_up_every_variant(tiny_folder, monkeypatch):
+    import guard
+    from evals.models import load_model
+
+    model, tokenizer = load_model(str(tiny_folder))
+    calls = []
+    protect = guard.protect
+
+    def counting_protect(model, mitigations):
+        calls.append(mitigations[0].name)
+        return protect(model, mitigations=mitigations)
+
+    monkeypatch.setattr(guard, "protect", counting_protect)
+    options = bench.BenchOptions(
+        model=str(tiny_folder), batch_size=2, prompt_tokens=8, new_tokens=2, repeats=1,
+        variants=("abft", "dual_first_token"),
+    )
+
+    bench.measure_overhead(model, tokenizer, options)
+
+    # One untimed warm-up call per variant before the timed repetition.
+    assert sorted(calls) == ["abft", "abft", "dual_first_token", "dual_first_token"]
+
+
+def test_bench_help_lists_size_options(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--help"])
+
+    text = capsys.readouterr().out
+    for flag in ("--repeats", "--campaign-trials", "--new-tokens", "--batch-size", "--prompt-tokens"):
+        assert flag in text
