@@ -124,7 +124,9 @@ class ResultStore:
         """Bind the folder to ``config``: write config.json, or check that it matches the one there.
 
         Raises ConfigError when the folder holds results of another config, or trial files
-        without a config.json.
+        without a config.json. A config.json of another config without any trial record is
+        replaced (with a warning), so a run that failed before its first batch does not lock
+        the folder.
         """
         ensure_writable(self.folder)
         if self.config_path.exists():
