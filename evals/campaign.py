@@ -286,6 +286,9 @@ def reusable_step(faults_by_row: list[Any | None]) -> int | None:
     faults = [fault for fault in faults_by_row if fault is not None]
     if not faults or any(getattr(fault, "persistent", False) for fault in faults):
         return None
+    # NOTE: batches take trials in id order, so with random steps the minimum is nearly always
+    # step 1 or 2 and reuse saves only the prefill. Sorting trials by step alone does not fix
+    # it: batches past the golden run's end then fall back to full runs.
     first = min(int(fault.forward) for fault in faults)
     return first if first >= 1 else None
 
