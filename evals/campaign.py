@@ -66,31 +66,6 @@ def plan_units(n_inputs: int, trials: int, trials_per_batch: int) -> list[WorkUn
     return units
 
 
-def order_by_step(units: list[WorkUnit], step_of: Callable[[int, int], int]) -> list[WorkUnit]:
-    """Regroup each input's trials so batches hold trials of nearby fault steps.
-
-    ``step_of(input_index, trial)`` is the forward that the trial's fault hits. A batch resumed
-    from the golden prefix starts at its earliest fault step, so sorting trials by step lets
-    later batches skip decode steps as well as the prefill. Unit sizes and indices stay as
-    planned, and the order is deterministic, so resumed and sharded runs agree.
-    """
-    by_input: dict[int, list[WorkUnit]] = {}
-    for unit in units:
-        by_input.setdefault(unit.input_index, []).append(unit)
-    regrouped: dict[int, WorkUnit] = {}
-    for input_index, input_units in by_input.items():
-        trials = sorted(
-            (trial for unit in input_units for trial in unit.trial_ids),
-            key=lambda trial: (step_of(input_index, trial), trial),
-        )
-        start = 0
-        for unit in input_units:
-            size = len(unit.trial_ids)
-            regrouped[unit.index] = WorkUnit(unit.index, input_index, tuple(trials[start : start + size]))
-            start += size
-    return [regrouped[unit.index] for unit in units]
-
-
 def derive_seed(seed: int, *parts: object) -> int:
     """Return a 63-bit seed derived from ``seed`` and ``parts``, stable across runs and machines."""
     text = ":".join(str(part) for part in (seed, *parts))
@@ -815,22 +790,11 @@ def _dedupe(detections: list[dict]) -> list[dict]:
     return unique
 
 
-def _may_reuse_prefix(config) -> bool:
+def _use_prefix(context: CampaignContext, prepared: PreparedInput, faults: list) -> bool:
     # NOTE: only unprotected arms reuse the prefix. Mitigations act on forward 0 (dual
     # first-token) or rerun generate with its inputs (dynamic shots), which a pre-filled
     # cache would break, and every arm of an A/B run must do the same work for fair timing.
-    return bool(config.prefix_reuse) and not any(parse_arm(name) for name in config.arms)
-
-
-def _fault_step(context: CampaignContext, input_index: int, trial: int) -> int:
-    fault = context.planner.for_row(trial, context.inputs[input_index].prompt_length, 0)
-    if getattr(fault, "persistent", False):
-        return 0
-    return int(getattr(fault, "forward", 0) or 0)
-
-
-def _use_prefix(context: CampaignContext, prepared: PreparedInput, faults: list) -> bool:
-    if not _may_reuse_prefix(context.config):
+    if not context.config.prefix_reuse or any(parse_arm(name) for name in context.config.arms):
         return False
     if context.batches_per_shape.get((prepared.index, len(faults)), 0) < 2:
         return False
@@ -1027,9 +991,6 @@ def run_campaign(
 
     context = _build_context(config, model, tokenizer, task)
     units = plan_units(len(context.inputs), config.trials, config.trials_per_batch)
-    # The grouping must not depend on prefix_reuse itself, so runs with and without it agree.
-    if not any(parse_arm(name) for name in config.arms):
-        units = order_by_step(units, lambda index, trial: _fault_step(context, index, trial))
     mine = shard_units(units, dist.rank, dist.world_size)
     context.batches_per_shape = dict(Counter((unit.input_index, len(unit.trial_ids) + 1) for unit in mine))
     done = store.done_keys()

@@ -381,16 +381,3 @@ def test_campaign_multiple_choice_records(tiny_folder, loaded, tmp_path, bigbenc
     assert all(r["fired"] for r in trials)
     abft = [r for r in trials if r["arm"] == "abft"]
     assert any(r["detections"] for r in abft)
-
-
-def test_order_by_step_groups_nearby_steps():
-    from evals.campaign import WorkUnit, order_by_step
-
-    steps = {0: 5, 1: 1, 2: 4, 3: 1, 4: 2, 5: 3}
-    units = [WorkUnit(0, 0, (0, 1, 2)), WorkUnit(1, 0, (3, 4, 5)), WorkUnit(2, 1, (6, 7))]
-
-    ordered = order_by_step(units, lambda _input, trial: steps.get(trial, 0))
-
-    assert [unit.trial_ids for unit in ordered] == [(1, 3, 4), (5, 2, 0), (6, 7)]
-    assert [unit.index for unit in ordered] == [0, 1, 2]
-    assert [unit.input_index for unit in ordered] == [0, 0, 1]
