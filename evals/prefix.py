@@ -1,9 +1,9 @@
 """Prefix reuse: start a faulty trial at decode step k from the golden run's KV cache.
 
 A fault at decode step k cannot change forwards 0..k-1, so those passes are the golden run's.
-The golden cache holds every position written during the golden generate, and a position is
+The golden cache contains every position written during the golden generate, and a position is
 never rewritten once stored, so cropping it to ``prompt_length + k - 1`` positions gives
-exactly the cache that a from-scratch run holds before forward k. ``generate`` then runs only
+exactly the cache that a from-scratch run has before forward k. ``generate`` then runs only
 forwards k, k+1, ... on the golden tokens up to step k.
 """
 
@@ -88,14 +88,14 @@ def prefix_start(
             f"golden_sequence must have shape [1, length], got {tuple(golden_sequence.shape)}."
         )
 
-    # The cache before forward k holds the prompt and tokens 1..k-1.
-    kept = prompt_length + step - 1
+    # The cache before forward k contains the prompt and tokens 1..k-1.
+    kept_positions = prompt_length + step - 1
     cache = copy.deepcopy(golden_cache)
-    surplus = cache.get_seq_length() - kept
+    surplus = cache.get_seq_length() - kept_positions
     if surplus < 0:
         raise ConfigError(
-            f"The golden cache holds {cache.get_seq_length()} positions, fewer than the "
-            f"{kept} needed to resume at step {step}."
+            f"The golden cache contains only {cache.get_seq_length()} positions, fewer than the "
+            f"{kept_positions} needed to resume at step {step}."
         )
     if surplus > 0:
         cache.crop(-surplus)

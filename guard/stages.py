@@ -8,7 +8,7 @@ than guessing the stage from tensor shapes.
 
 A new sequence starts when the forward gets no cache or an empty one (Cache API
 ``get_seq_length() == 0``). Callers that hand ``generate`` a pre-filled cache (prefix reuse)
-say where counting resumes with :meth:`StageTracker.start_sequence`.
+set where counting resumes with :meth:`StageTracker.start_sequence`.
 """
 
 from __future__ import annotations
@@ -89,9 +89,9 @@ ForwardListener = Callable[["StageTracker", ForwardInfo], None]
 class StageTracker:
     """Counts the forward passes of one model and notifies listeners at each one.
 
-    Attach with :meth:`attach` and release with :meth:`detach`; the tracker is shared and
-    reference counted, so the guard and an injector can hold it at the same time, and its
-    hooks go away with the last holder.
+    Attach with :meth:`attach` and release with :meth:`detach`. The tracker is shared and
+    reference counted, so the guard and an injector can use it at the same time, and its
+    hooks go away with the last release.
     """
 
     def __init__(self, model: nn.Module):

@@ -193,8 +193,8 @@ class _CheckedLayer:
 
     def mismatching_rows(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (indices of rows failing the check, their checksum differences)."""
-        # Few ops and no float64 copy of x: on decode steps the tensors are tiny and the cost is
-        # the number of ops; on the prefill it is the passes over x [rows, in].
+        # Few ops and no float64 copy of x. On decode steps the tensors are tiny, so the cost is
+        # the number of ops. On the prefill it is the passes over x [rows, in].
         # NOTE: on CPU decode steps each call still costs ~150 us of op dispatch on cold caches
         # (1.10x generate for the default selection on SmolLM2-135M); one batched check of all
         # layers per forward would cut that, at the price of re-running the step on a detection.

@@ -6,6 +6,8 @@ vocabulary size, with ids 0, 1 and 2 for padding, beginning and end of sequence.
 
 from __future__ import annotations
 
+import json
+
 import string
 from pathlib import Path
 
@@ -42,3 +44,21 @@ def save_tiny_model_folder(folder: Path, arch: str = "llama", seed: int = 0) -> 
     model.save_pretrained(folder)
     make_char_tokenizer().save_pretrained(folder)
     return folder
+
+
+def records_without_timing(folder: Path) -> list[dict]:
+    """Return the folder's trial records without their timing fields, for exact comparison."""
+    records = []
+    for line in (folder / "trials.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        record.pop("seconds", None)
+        records.append(record)
+    return records
+
+
+def summary_without_timing(folder: Path) -> dict:
+    """Return the folder's summary without its measured time ratios."""
+    summary = json.loads((folder / "summary.json").read_text())
+    for arm in summary["arms"]:
+        arm["overhead"].pop("time_ratio", None)
+    return summary

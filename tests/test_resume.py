@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.campaign_fixtures import save_tiny_model_folder
+from tests.campaign_fixtures import records_without_timing, save_tiny_model_folder, summary_without_timing
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,22 +32,6 @@ def _command(tiny_folder, output_dir):
 
 def _run(command) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
-
-
-def _records_without_timing(folder: Path) -> list[dict]:
-    records = []
-    for line in (folder / "trials.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        record.pop("seconds", None)
-        records.append(record)
-    return records
-
-
-def _summary_without_timing(folder: Path) -> dict:
-    summary = json.loads((folder / "summary.json").read_text())
-    for arm in summary["arms"]:
-        arm["overhead"].pop("time_ratio", None)
-    return summary
 
 
 def _kill_after_lines(command, output_dir: Path, lines: int) -> int:
@@ -89,9 +72,9 @@ def test_killed_campaign_resumes_to_same_result(tiny_folder, reference_dir, tmp_
 
     assert status == -signal.SIGKILL, f"the run finished before the kill (after {kill_at} lines)"
     assert rerun.returncode == 0, rerun.stderr
-    assert partial < len(_records_without_timing(reference_dir))
-    assert _records_without_timing(resumed_dir) == _records_without_timing(reference_dir)
-    assert _summary_without_timing(resumed_dir) == _summary_without_timing(reference_dir)
+    assert partial < len(records_without_timing(reference_dir))
+    assert records_without_timing(resumed_dir) == records_without_timing(reference_dir)
+    assert summary_without_timing(resumed_dir) == summary_without_timing(reference_dir)
 
 
 def test_corrupt_line_resume_counts_add_up(tiny_folder, reference_dir, tmp_path):
@@ -109,4 +92,4 @@ def test_corrupt_line_resume_counts_add_up(tiny_folder, reference_dir, tmp_path)
     last = rerun.stdout.strip().splitlines()[-1]
     # 24 trials in each of the two arms: one re-run, the rest already recorded.
     assert last.startswith("1 trials run, 47 already recorded;"), last
-    assert _records_without_timing(folder) == _records_without_timing(reference_dir)
+    assert records_without_timing(folder) == records_without_timing(reference_dir)

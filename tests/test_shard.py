@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -10,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.campaign_fixtures import save_tiny_model_folder
+from tests.campaign_fixtures import records_without_timing, save_tiny_model_folder, summary_without_timing
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,22 +27,6 @@ def _arguments(tiny_folder, output_dir):
     ]
 
 
-def _records_without_timing(folder: Path) -> list[dict]:
-    records = []
-    for line in (folder / "trials.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        record.pop("seconds", None)
-        records.append(record)
-    return records
-
-
-def _summary_without_timing(folder: Path) -> dict:
-    summary = json.loads((folder / "summary.json").read_text())
-    for arm in summary["arms"]:
-        arm["overhead"].pop("time_ratio", None)
-    return summary
-
-
 def test_two_processes_match_one(tiny_folder, tmp_path):
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     if torchrun is None:
@@ -59,8 +42,8 @@ def test_two_processes_match_one(tiny_folder, tmp_path):
     assert one.returncode == 0, one.stderr
     assert two.returncode == 0, two.stderr
     assert not list(split.glob("trials.rank*.jsonl"))
-    assert _records_without_timing(split) == _records_without_timing(single)
-    assert _summary_without_timing(split) == _summary_without_timing(single)
+    assert records_without_timing(split) == records_without_timing(single)
+    assert summary_without_timing(split) == summary_without_timing(single)
 
 
 def test_report_merges_leftover_shards(tiny_folder, tmp_path):
@@ -68,7 +51,7 @@ def test_report_merges_leftover_shards(tiny_folder, tmp_path):
     completed = subprocess.run([sys.executable, *_arguments(tiny_folder, folder)], cwd=REPO,
                                capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr
-    expected = _records_without_timing(folder)
+    expected = records_without_timing(folder)
     # Split the merged file into two shards, as an interrupted two-process run leaves them.
     lines = (folder / "trials.jsonl").read_text().splitlines(keepends=True)
     (folder / "trials.rank0.jsonl").write_text("".join(lines[::2]))
@@ -80,4 +63,4 @@ def test_report_merges_leftover_shards(tiny_folder, tmp_path):
 
     assert report.returncode == 0, report.stderr
     assert not list(folder.glob("trials.rank*.jsonl"))
-    assert _records_without_timing(folder) == expected
+    assert records_without_timing(folder) == expected
