@@ -260,12 +260,20 @@ class StageTracker:
             self._current = self._stack.pop() if self._stack else None
 
 
+# transformers 5.x passes the KV cache to a forward as ``cache``; earlier releases as
+# ``past_key_values``.
+CACHE_KEYS = ("cache", "past_key_values")
+
+
+def cache_key_of(kwargs: dict) -> str | None:
+    """Return the keyword under which a forward received its KV cache, or None."""
+    return next((key for key in CACHE_KEYS if kwargs.get(key) is not None), None)
+
+
 def _cache_is_empty(kwargs: dict) -> bool:
     """Tell whether a forward starts a new sequence: no cache, or an empty one."""
-    # transformers 5.x passes the cache as ``cache``; earlier releases as ``past_key_values``.
-    cache = kwargs.get("cache")
-    if cache is None:
-        cache = kwargs.get("past_key_values")
+    key = cache_key_of(kwargs)
+    cache = kwargs[key] if key is not None else None
     if cache is None:
         return True
     get_seq_length = getattr(cache, "get_seq_length", None)

@@ -25,11 +25,11 @@ from transformers import DynamicCache
 
 from guard.errors import ConfigError
 from guard.report import Detection
+from guard.stages import cache_key_of
 from mitigations.base import InstallHandle, Mitigation, MitigationConfig, register
 
 logger = logging.getLogger(__name__)
 
-_CACHE_KEYS = ("cache", "past_key_values")
 
 
 @dataclass
@@ -128,7 +128,7 @@ class DualFirstToken(Mitigation):
         if info is None or info.index != 0 or info.redundant:
             return
         logits = getattr(output, "logits", None)
-        cache_key = next((k for k in _CACHE_KEYS if kwargs.get(k) is not None), None)
+        cache_key = cache_key_of(kwargs)
         if logits is None or cache_key is None:
             return
         cache = kwargs[cache_key]
