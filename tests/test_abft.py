@@ -72,6 +72,7 @@ def test_config_defaults():
         (dict(tolerance_scale=0.5), "abft.tolerance_scale=0.5 is not valid"),
         (dict(accumulation="fp8"), "abft.accumulation='fp8' is not valid"),
         (dict(bound="tight"), "abft.bound='tight' is not valid"),
+        (dict(decode_check="batched"), "abft.decode_check='batched' is not valid"),
     ],
 )
 def test_config_rejects_bad_values(options, message):
@@ -245,6 +246,179 @@ def test_decode_step_fault_detected(tiny_llama):
     assert detection.stage == "decode"
     assert detection.step == 1
     assert torch.equal(tokens, golden)
+
+
+class FlipAtStep:
+    """Forward hook flipping bit 30 of output element 1 of ``row`` once, on decode step ``step``."""
+
+    def __init__(self, step=2, row=0):
+        self.step, self.row = step, row
+        self.decode_calls = 0
+        self.fired = 0
+
+    def __call__(self, module, args, output):
+        if output.shape[1] != 1:
+            return None
+        self.decode_calls += 1
+        if self.fired or self.decode_calls != self.step:
+            return None
+        self.fired += 1
+        output = output.clone()
+        output[self.row, 0, 1:2].view(torch.int32).__ixor__(1 << 30)
+        return output
+
+
+@pytest.mark.parametrize("decode_check", ["per_pass", "per_layer"])
+def test_decode_fault_at_later_step_corrected(tiny_llama, decode_check):
+    prompt = make_prompt(3, 6)
+    golden = tiny_llama.generate(prompt, **GREEDY)
+    flip = FlipAtStep(step=3, row=1)
+    tokens, call = protected_run(
+        tiny_llama, prompt, ABFT(decode_check=decode_check), tiny_llama.model.layers[1].self_attn.o_proj, flip
+    )
+    assert flip.fired == 1
+    (detection,) = call.detections
+    assert (detection.stage, detection.step, detection.row, detection.layer, detection.action) == (
+        "decode", 3, 1, 1, "recomputed"
+    )
+    assert torch.equal(tokens, golden)
+
+
+def test_per_pass_recomputes_only_the_faulty_step(tiny_llama):
+    prompt = make_prompt(2, 6)
+    golden = tiny_llama.generate(prompt, **GREEDY)
+    _, clean_call = protected_run(tiny_llama, prompt, ABFT())
+    tokens, call = protected_run(tiny_llama, prompt, ABFT(), tiny_llama.model.layers[0].mlp.down_proj, FlipAtStep(2))
+    assert clean_call.extra_forward_passes == 0
+    assert call.extra_forward_passes == 1
+    assert call.detections[0].detail.endswith("the decode step was recomputed")
+    assert torch.equal(tokens, golden)
+
+
+def test_per_pass_report_only_keeps_the_corrupted_step(tiny_llama):
+    prompt = make_prompt(1, 6)
+    golden = tiny_llama.generate(prompt, **GREEDY)
+    flip = FlipAtStep(2)
+    tokens, call = protected_run(tiny_llama, prompt, ABFT(correction="none"), tiny_llama.model.layers[0].mlp.down_proj, flip)
+    (detection,) = call.detections
+    assert (detection.step, detection.action) == (2, "none")
+    assert call.extra_forward_passes == 0
+    assert not torch.equal(tokens, golden)
+
+
+def test_per_pass_falls_back_to_per_layer_for_a_static_cache(tiny_llama):
+    """A static cache is written in place and cannot be rolled back, so each layer is checked as it runs."""
+    prompt = make_prompt(2, 6)
+    static = dict(GREEDY, cache_implementation="static")
+    golden = tiny_llama.generate(prompt, **static)
+    guard.protect(tiny_llama, ABFT())
+    handle = tiny_llama.model.layers[1].mlp.down_proj.register_forward_hook(FlipAtStep(2), prepend=True)
+    try:
+        tokens = tiny_llama.generate(prompt, **static)
+        call = guard.get_report(tiny_llama).last_call
+    finally:
+        handle.remove()
+        guard.unprotect(tiny_llama)
+    (detection,) = call.detections
+    assert (detection.step, detection.action, detection.detail.endswith("recomputed")) == (2, "recomputed", False)
+    assert call.extra_forward_passes == 0
+    assert torch.equal(tokens, golden)
+
+
+def test_weight_fault_at_decode_restored_per_pass(tiny_llama):
+    """A weight corrupted during decoding reproduces the mismatch on the recomputed step, which scrubs it."""
+    prompt = make_prompt(2, 6)
+    golden = tiny_llama.generate(prompt, **GREEDY)
+    guard.protect(tiny_llama, ABFT())
+    weight = tiny_llama.model.layers[0].self_attn.o_proj.weight
+    original = weight.detach().clone()
+    steps = []
+
+    def corrupt_at_step_two(module, args):
+        if args[0].shape[1] == 1:
+            steps.append(1)
+            if len(steps) == 2:
+                flip_weight_bit(weight, 2, 3, 30)
+
+    handle = tiny_llama.model.layers[0].self_attn.o_proj.register_forward_pre_hook(corrupt_at_step_two)
+    try:
+        tokens = tiny_llama.generate(prompt, **GREEDY)
+        call = guard.get_report(tiny_llama).last_call
+    finally:
+        handle.remove()
+        guard.unprotect(tiny_llama)
+    actions = [(d.check, d.action) for d in call.detections]
+    assert actions[0] == ("output_checksum", "recomputed")
+    assert ("weight_checksum", "restored") in actions
+    assert torch.equal(weight.detach(), original)
+    assert torch.equal(tokens, golden)
+
+
+@pytest.mark.parametrize("roles", [("o_proj", "down_proj"), "all_linear"])
+def test_per_pass_and_per_layer_agree_when_fault_free(tiny_llama, roles):
+    prompt = make_prompt(3, 6)
+    golden = tiny_llama.generate(prompt, **GREEDY)
+    per_pass, pass_call = protected_run(tiny_llama, prompt, ABFT(roles=roles))
+    per_layer, layer_call = protected_run(tiny_llama, prompt, ABFT(roles=roles, decode_check="per_layer"))
+    assert pass_call.detections == layer_call.detections == []
+    assert torch.equal(per_pass, golden)
+    assert torch.equal(per_layer, golden)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_per_pass_in_half_precision(dtype):
+    """Half-precision inputs are stacked, then widened to the float32 check format."""
+    model = make_tiny_model("llama", dtype=dtype)
+    prompt = make_prompt(2, 6)
+    golden = model.generate(prompt, **GREEDY)
+    _, clean_call = protected_run(model, prompt, ABFT(roles="all_linear"))
+    flip = FlipAtStep(2, row=1)
+    flip_bit = 14  # exponent MSB of both 16-bit formats
+
+    def flip16(module, args, output):
+        if output.shape[1] != 1:
+            return None
+        flip.decode_calls += 1
+        if flip.decode_calls != flip.step:
+            return None
+        output = output.clone()
+        output[1, 0, 1:2].view(torch.int16).__ixor__(1 << flip_bit)
+        return output
+
+    tokens, call = protected_run(model, prompt, ABFT(), model.model.layers[0].mlp.down_proj, flip16)
+    assert clean_call.detections == []
+    assert [(d.step, d.row, d.action) for d in call.detections] == [(2, 1, "recomputed")]
+    assert call.detections[0].detail.endswith("the decode step was recomputed")
+    assert torch.equal(tokens, golden)
+
+
+def test_per_pass_with_bias_and_conv1d():
+    """GPT-2 layers carry biases and store W as [in, out]; both enter the stacked checksums."""
+    model = make_tiny_model("gpt2")
+    prompt = make_prompt(2, 6)
+    golden = model.generate(prompt, **GREEDY)
+    _, clean_call = protected_run(model, prompt, ABFT(roles="all_linear"))
+    tokens, call = protected_run(model, prompt, ABFT(roles="all_linear"), model.transformer.h[1].mlp.c_fc, FlipAtStep(2))
+    assert clean_call.detections == []
+    assert [(d.step, d.layer, d.action) for d in call.detections] == [(2, 1, "recomputed")]
+    assert call.detections[0].detail.endswith("the decode step was recomputed")
+    assert torch.equal(tokens, golden)
+
+
+def test_per_pass_buffers_work_in_and_out_of_inference_mode(tiny_llama):
+    """Stacking buffers made during an inference-mode generate stay writable by a later plain one."""
+    prompt = make_prompt(2, 6)
+    golden = tiny_llama.generate(prompt, **GREEDY)
+    guard.protect(tiny_llama, ABFT())
+    try:
+        with torch.inference_mode():
+            first = tiny_llama.generate(prompt, **GREEDY)
+        with torch.no_grad():
+            second = tiny_llama.generate(prompt, **GREEDY)
+    finally:
+        guard.unprotect(tiny_llama)
+    assert torch.equal(first, golden)
+    assert torch.equal(second, golden)
 
 
 def test_plain_forward_corrected(tiny_llama):
