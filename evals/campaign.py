@@ -22,7 +22,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NamedTuple
 
 import torch
 
@@ -64,6 +64,32 @@ def plan_units(n_inputs: int, trials: int, trials_per_batch: int) -> list[WorkUn
             units.append(WorkUnit(len(units), input_index, tuple(ids[start : start + size])))
             start += size
     return units
+
+
+def order_by_step(units: list[WorkUnit], step_of: Callable[[int, int], int]) -> list[WorkUnit]:
+    """Regroup each input's trials so batches hold trials of nearby fault steps.
+
+    ``step_of(input_index, trial)`` is the forward that the trial's fault hits. A batch resumed
+    from the golden prefix starts at its earliest fault step, so sorting trials by step lets
+    later batches skip decode steps as well as the prefill. A batch whose steps all come after
+    the golden run's end needs no forward at all. Unit sizes and indices stay as
+    planned, and the order is deterministic, so resumed and sharded runs agree.
+    """
+    by_input: dict[int, list[WorkUnit]] = {}
+    for unit in units:
+        by_input.setdefault(unit.input_index, []).append(unit)
+    regrouped: dict[int, WorkUnit] = {}
+    for input_index, input_units in by_input.items():
+        trials = sorted(
+            (trial for unit in input_units for trial in unit.trial_ids),
+            key=lambda trial: (step_of(input_index, trial), trial),
+        )
+        start = 0
+        for unit in input_units:
+            size = len(unit.trial_ids)
+            regrouped[unit.index] = WorkUnit(unit.index, input_index, tuple(trials[start : start + size]))
+            start += size
+    return [regrouped[unit.index] for unit in units]
 
 
 def derive_seed(seed: int, *parts: object) -> int:
@@ -240,7 +266,9 @@ def run_batch(
         watch.remove()
         passes.remove()
 
-    return _collect_rows(model, tokenizer, sequences, input_ids.shape[1], rows, watch, injector, error, seconds, passes.count)
+    return _collect_rows(
+        model, tokenizer, sequences, input_ids.shape[1], rows, watch.flags, injector, error, seconds, passes.count
+    )
 
 
 def prefix_reuse_supported() -> bool:
@@ -261,9 +289,6 @@ def reusable_step(faults_by_row: list[Any | None]) -> int | None:
     faults = [fault for fault in faults_by_row if fault is not None]
     if not faults or any(getattr(fault, "persistent", False) for fault in faults):
         return None
-    # NOTE: batches take trials in id order, so with random steps the minimum is nearly always
-    # step 1 or 2 and reuse saves only the prefill. Sorting trials by step alone does not fix
-    # it: batches past the golden run's end then fall back to full runs.
     first = min(int(fault.forward) for fault in faults)
     return first if first >= 1 else None
 
@@ -274,16 +299,17 @@ def run_batch_from_prefix(
     prompt_ids: torch.Tensor,
     faults_by_row: list[Any | None],
     max_new_tokens: int,
-    golden: tuple[torch.Tensor, Any] | None = None,
+    golden: GoldenRun | None = None,
 ) -> BatchResult:
     """Run a batch like :func:`run_batch`, but start at the first faulty decode step.
 
-    ``golden`` is ``(sequences, cache)`` of the fault-free run of the same prompt with the
-    same number of rows (see :func:`golden_prefix`). Its cache, cropped to the forwards before
-    the step, replaces those forwards. The golden run must have the trial batch's row count:
-    CPU matrix kernels round differently for different batch sizes, so a batch-of-one cache
-    would differ from the batch's own in the last bits. Falls back to a full run when no
-    fault sits in a decode step or the golden run ended before that step.
+    ``golden`` is the fault-free run of the same prompt with the same number of rows (see
+    :func:`golden_prefix`). Its cache, cropped to the forwards before the step, replaces those
+    forwards. The golden run must have the trial batch's row count: CPU matrix kernels round
+    differently for different batch sizes, so a batch-of-one cache would differ from the
+    batch's own in the last bits. When every row of the golden run finished before the step,
+    a run from scratch would stop before any fault fires, so the golden rows are the result.
+    Falls back to a full run when no fault sits in a decode step.
     """
     import copy
 
@@ -299,13 +325,18 @@ def run_batch_from_prefix(
     started = time.perf_counter()
     if golden is None:
         golden = golden_prefix(model, tokenizer, prompt_ids, rows, max_new_tokens)
-    sequences, golden_cache = golden
-    generated = sequences.shape[1] - prompt_length
-    if sequences.shape[0] != rows or step > min(generated, max_new_tokens) - 1:
+    sequences = golden.sequences
+    if sequences.shape[0] != rows:
         return run_batch(model, tokenizer, prompt_ids, faults_by_row, max_new_tokens)
+    # The golden run made forwards 0..generated-1. A batch whose faults all come later is
+    # fault-free until then in every row, so it stops where the golden run stopped.
+    generated = sequences.shape[1] - prompt_length
+    if step >= generated:
+        seconds = time.perf_counter() - started
+        return _collect_rows(model, tokenizer, sequences, prompt_length, rows, golden.nonfinite, None, None, seconds, 0)
 
     # The cache before forward k contains the prompt and generated tokens 1..k-1.
-    cache = copy.deepcopy(golden_cache)
+    cache = copy.deepcopy(golden.cache)
     surplus = cache.get_seq_length() - (prompt_length + step - 1)
     if surplus > 0:
         cache.crop(-surplus)
@@ -339,7 +370,7 @@ def run_batch_from_prefix(
         watch.remove()
         passes.remove()
         tracker.detach()
-    return _collect_rows(model, tokenizer, output, prompt_length, rows, watch, injector, error, seconds, passes.count)
+    return _collect_rows(model, tokenizer, output, prompt_length, rows, watch.flags, injector, error, seconds, passes.count)
 
 
 def cache_keyword(model) -> str:
@@ -348,36 +379,50 @@ def cache_keyword(model) -> str:
     return keyword(model)
 
 
-def golden_prefix(model, tokenizer, prompt_ids: torch.Tensor, rows: int, max_new_tokens: int) -> tuple[torch.Tensor, Any]:
+class GoldenRun(NamedTuple):
+    """The fault-free run of one prompt at a batch's row count, whose prefix trials reuse."""
+
+    sequences: torch.Tensor  # [rows, prompt_length + generated]
+    cache: Any  # the KV cache after the last forward
+    nonfinite: torch.Tensor  # [rows] bool: rows whose logits held NaN or Inf
+
+
+def golden_prefix(model, tokenizer, prompt_ids: torch.Tensor, rows: int, max_new_tokens: int) -> GoldenRun:
     """Run ``rows`` fault-free copies of the prompt and return their sequences and KV cache."""
     from evals.prefix import golden_cache_of
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     input_ids = prompt_ids.to(_model_device(model)).repeat(rows, 1)
-    with torch.inference_mode():
-        output = model.generate(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=pad_id,
-            return_dict_in_generate=True,
-        )
-    return output.sequences, golden_cache_of(output)
+    watch = _NonFiniteWatch(model, rows)
+    try:
+        with torch.inference_mode():
+            output = model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad_id,
+                return_dict_in_generate=True,
+            )
+    finally:
+        watch.remove()
+    return GoldenRun(output.sequences, golden_cache_of(output), watch.flags)
 
 
-def _collect_rows(model, tokenizer, sequences, prompt_length, rows, watch, injector, error, seconds, forward_passes) -> BatchResult:
+def _collect_rows(
+    model, tokenizer, sequences, prompt_length, rows, nonfinite, injector, error, seconds, forward_passes
+) -> BatchResult:
     eos_ids = eos_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id
     fired_by_row = _fired_by_row(injector)
     results = []
     for row in range(rows):
         if sequences is None:
-            results.append(RowResult([], "", nonfinite=bool(watch.flags[row]), error=error))
+            results.append(RowResult([], "", nonfinite=bool(nonfinite[row]), error=error))
             continue
         tokens = strip_generation(sequences[row, prompt_length:].tolist(), eos_ids, pad_id)
         text = tokenizer.decode(tokens, skip_special_tokens=True)
-        results.append(RowResult(tokens, text, nonfinite=bool(watch.flags[row]), fired=fired_by_row.get(row, [])))
+        results.append(RowResult(tokens, text, nonfinite=bool(nonfinite[row]), fired=fired_by_row.get(row, [])))
     return BatchResult(results, seconds, forward_passes)
 
 
@@ -594,7 +639,7 @@ class CampaignContext:
     batches_per_shape: dict = field(default_factory=dict)
     _golden: dict = field(default_factory=dict)
 
-    def golden_prefix(self, prepared: PreparedInput, rows: int) -> tuple[torch.Tensor, Any]:
+    def golden_prefix(self, prepared: PreparedInput, rows: int) -> GoldenRun:
         """Return the golden (sequences, KV cache) of an input at ``rows`` rows; only the latest is kept."""
         key = (prepared.index, rows)
         if key not in self._golden:
@@ -790,11 +835,22 @@ def _dedupe(detections: list[dict]) -> list[dict]:
     return unique
 
 
-def _use_prefix(context: CampaignContext, prepared: PreparedInput, faults: list) -> bool:
+def _may_reuse_prefix(config) -> bool:
     # NOTE: only unprotected arms reuse the prefix. Mitigations act on forward 0 (dual
     # first-token) or rerun generate with its inputs (dynamic shots), which a pre-filled
     # cache would break, and every arm of an A/B run must do the same work for fair timing.
-    if not context.config.prefix_reuse or any(parse_arm(name) for name in context.config.arms):
+    return bool(config.prefix_reuse) and not any(parse_arm(name) for name in config.arms)
+
+
+def _fault_step(context: CampaignContext, input_index: int, trial: int) -> int:
+    fault = context.planner.for_row(trial, context.inputs[input_index].prompt_length, 0)
+    if getattr(fault, "persistent", False):
+        return 0
+    return int(getattr(fault, "forward", 0) or 0)
+
+
+def _use_prefix(context: CampaignContext, prepared: PreparedInput, faults: list) -> bool:
+    if not _may_reuse_prefix(context.config):
         return False
     if context.batches_per_shape.get((prepared.index, len(faults)), 0) < 2:
         return False
@@ -991,6 +1047,9 @@ def run_campaign(
 
     context = _build_context(config, model, tokenizer, task)
     units = plan_units(len(context.inputs), config.trials, config.trials_per_batch)
+    # The grouping must not depend on prefix_reuse itself, so runs with and without it agree.
+    if not any(parse_arm(name) for name in config.arms):
+        units = order_by_step(units, lambda index, trial: _fault_step(context, index, trial))
     mine = shard_units(units, dist.rank, dist.world_size)
     context.batches_per_shape = dict(Counter((unit.input_index, len(unit.trial_ids) + 1) for unit in mine))
     done = store.done_keys()

@@ -334,6 +334,33 @@ def test_prefix_batch_equals_fresh_batch():
     assert reused.forward_passes < fresh.forward_passes
 
 
+def test_prefix_batch_past_golden_end():
+    """Faults after the step where every golden row ended never fire: the golden rows are the result."""
+    from evals.campaign import golden_prefix, run_batch_from_prefix
+
+    model = make_tiny_model("llama")
+    prompt = make_prompt(length=20, seed=4)
+    free_run = golden_prefix(model, _IdTokenizer(), prompt, 1, 10).sequences[0, 20:].tolist()
+    # End generation at the third new token by making it the end-of-sequence token.
+    end = next(i for i in range(2, 10) if free_run[i] not in free_run[:i])
+    model.generation_config.eos_token_id = free_run[end]
+    planner = FaultPlanner(model, DECODE_FAULT, seed=0, max_new_tokens=10)
+    late = [trial for trial in range(60) if planner.for_row(trial, 20, 0).forward > end][:4]
+    faults = [None] + [planner.for_row(trial, 20, row) for row, trial in enumerate(late, start=1)]
+    golden = golden_prefix(model, _IdTokenizer(), prompt, len(faults), 10)
+
+    fresh = run_batch(model, _IdTokenizer(), prompt, faults, 10)
+    reused = run_batch_from_prefix(model, _IdTokenizer(), prompt, faults, 10, golden=golden)
+
+    assert end >= 2
+    assert golden.sequences.shape[1] - 20 == end + 1
+    assert len(late) == 4
+    assert [row.tokens for row in reused.rows] == [row.tokens for row in fresh.rows]
+    assert [row.fired for row in fresh.rows] == [[]] * 5
+    assert [row.fired for row in reused.rows] == [[]] * 5
+    assert reused.forward_passes == 0
+
+
 def test_prefix_reuse_skipped_for_first_token():
     from evals.campaign import reusable_step
 
@@ -381,3 +408,16 @@ def test_campaign_multiple_choice_records(tiny_folder, loaded, tmp_path, bigbenc
     assert all(r["fired"] for r in trials)
     abft = [r for r in trials if r["arm"] == "abft"]
     assert any(r["detections"] for r in abft)
+
+
+def test_order_by_step_groups_nearby_steps():
+    from evals.campaign import WorkUnit, order_by_step
+
+    steps = {0: 5, 1: 1, 2: 4, 3: 1, 4: 2, 5: 3}
+    units = [WorkUnit(0, 0, (0, 1, 2)), WorkUnit(1, 0, (3, 4, 5)), WorkUnit(2, 1, (6, 7))]
+
+    ordered = order_by_step(units, lambda _input, trial: steps.get(trial, 0))
+
+    assert [unit.trial_ids for unit in ordered] == [(1, 3, 4), (5, 2, 0), (6, 7)]
+    assert [unit.index for unit in ordered] == [0, 1, 2]
+    assert [unit.input_index for unit in ordered] == [0, 0, 1]
