@@ -67,6 +67,10 @@ def test_interleaved_ratios(benchmark, smollm2):
     results = benchmark.pedantic(lambda: bench.run_bench(options, model=model, tokenizer=tokenizer), rounds=1)
 
     benchmark.extra_info.update(
-        {key: results[key] for key in ("campaign_vs_limit", "campaign_vs_sequential", "prefix_reuse_speedup", "overhead")}
+        {
+            key: results[key]
+            for key in ("campaign_vs_limit", "campaign_vs_sequential", "prefix_reuse_speedup",
+                        "prefix_reuse_speedup_full_length", "overhead")
+        }
     )
     assert set(results["overhead"]) >= {"all_linear_abft", "all_four", "injector_idle"}

@@ -10,7 +10,8 @@ inside every repetition, so slow drift of a shared machine hits all variants ali
 * ``campaign``: campaign trials per second over the fault-free batched ``generate`` rows per
   second of the same prompts at the same batch size (the limit), and over a sequential loop
   of one ``generate`` per trial.
-* ``prefix``: decode-step trials with and without reuse of the golden prefix cache.
+* ``prefix``: decode-step trials with and without reuse of the golden prefix cache, once as
+  the model generates and once with end-of-sequence stops turned off (full-length outputs).
 
 Every compared path runs once untimed before the first repetition, so no ratio includes a
 cold start. Fewer than 3 repetitions log a warning.
@@ -18,6 +19,7 @@ cold start. Fewer than 3 repetitions log a warning.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import shutil
@@ -25,7 +27,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -356,7 +358,8 @@ def measure_prefix(model, tokenizer, options: BenchOptions) -> dict[str, Any]:
     from evals.tasks.arithmetic import ArithmeticTask
 
     if not prefix_reuse_supported():
-        return {"prefix_reuse_speedup": None, "prefix_detail": {"note": "this transformers has no Cache.crop"}}
+        return {"prefix_reuse_speedup": None, "prefix_reuse_speedup_full_length": None,
+                "prefix_detail": {"note": "this transformers has no Cache.crop"}}
     batch_size = min(options.campaign_batch_size, options.prefix_trials + 1)
     # Enough few-shot examples to push one prompt past prefix_prompt_tokens tokens.
     shots = 4
@@ -372,41 +375,64 @@ def measure_prefix(model, tokenizer, options: BenchOptions) -> dict[str, Any]:
     fault = {"site": {"role": "down_proj"}, "time": {"stage": "decode"}, "corruption": {"field": "exponent"}}
     workdir = Path(tempfile.mkdtemp(prefix="softguard-bench-prefix-"))
 
-    def campaign(reuse: bool, repetition: int):
+    def campaign(reuse: bool, label: str):
         config = CampaignConfig(
             model=options.model, task="arithmetic", task_options=task_options, n_shots=shots, fault=fault,
             trials=trials, limit=1, seed=options.seed, batch_size=batch_size, max_new_tokens=options.new_tokens,
-            dtype=options.dtype, device=options.device, output_dir=str(workdir / f"{reuse}-{repetition}"),
+            dtype=options.dtype, device=options.device, output_dir=str(workdir / f"{reuse}-{label}"),
             progress=False, prefix_reuse=reuse,
         )
         return run_campaign(config, model=model, tokenizer=tokenizer, task=task, render=False)
 
-    pairs = []
-    same_tokens = True
-    try:
+    def speedup(name: str) -> tuple[stats.RatioSpread, bool]:
+        """Return the spread of (time without reuse / time with reuse) and whether tokens agreed."""
+        pairs = []
+        same_tokens = True
         # Warm-up of both paths, untimed.
-        campaign(True, -1)
-        campaign(False, -1)
+        campaign(True, f"{name}-warm-up")
+        campaign(False, f"{name}-warm-up")
         for repetition in range(options.repeats):
             order = (True, False) if repetition % 2 else (False, True)
             timings = {}
             results = {}
             for reuse in order:
                 started = time.perf_counter()
-                results[reuse] = campaign(reuse, repetition)
+                results[reuse] = campaign(reuse, f"{name}-{repetition}")
                 timings[reuse] = time.perf_counter() - started
             pairs.append((timings[False], timings[True]))
             tokens = {reuse: [r["tokens"] for r in result.records] for reuse, result in results.items()}
             same_tokens = same_tokens and tokens[True] == tokens[False]
+        return stats.ratio_spread(pairs), same_tokens
+
+    try:
+        spread, same_tokens = speedup("as-generated")
+        # Short outputs end the golden run early, and batches whose faults all come later need
+        # no forward. Without end-of-sequence stops every batch runs all its decode steps, which
+        # shows what reuse saves on long outputs.
+        with _without_eos_stop(model):
+            full_spread, full_same_tokens = speedup("full-length")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    spread = stats.ratio_spread(pairs)
     return {
         "prefix_reuse_speedup": spread.median,
+        "prefix_reuse_speedup_full_length": full_spread.median,
         "prefix_detail": {**spread._asdict(), "trials": trials, "batch_size": batch_size,
                           "prompt_tokens": int(length), "new_tokens": options.new_tokens,
                           "tokens_equal_without_reuse": same_tokens},
+        "prefix_full_length_detail": {**full_spread._asdict(), "tokens_equal_without_reuse": full_same_tokens},
     }
+
+
+@contextlib.contextmanager
+def _without_eos_stop(model) -> Iterator[None]:
+    """Let ``generate`` run to ``max_new_tokens`` by clearing the model's end-of-sequence ids."""
+    generation_config = model.generation_config
+    saved = generation_config.eos_token_id
+    generation_config.eos_token_id = None
+    try:
+        yield
+    finally:
+        generation_config.eos_token_id = saved
 
 
 # ----- driver -----------------------------------------------------------------------------
@@ -422,6 +448,7 @@ def run_bench(options: BenchOptions, model=None, tokenizer=None) -> dict[str, An
         "campaign_vs_limit": None,
         "campaign_vs_sequential": None,
         "prefix_reuse_speedup": None,
+        "prefix_reuse_speedup_full_length": None,
         "overhead": {},
         "sizes": {
             "model": options.model,
@@ -454,6 +481,7 @@ def format_results(results: dict[str, Any]) -> str:
         "campaign_vs_limit": "campaign / fault-free batched rows (throughput ratio)",
         "campaign_vs_sequential": "campaign / sequential loop (throughput ratio)",
         "prefix_reuse_speedup": "prefix reuse speed-up (time ratio)",
+        "prefix_reuse_speedup_full_length": "prefix reuse speed-up, no early stop (time ratio)",
     }
     lines = [f"note: {warning}" for warning in results.get("warnings", [])]
     for key, label in labels.items():

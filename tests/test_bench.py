@@ -29,7 +29,8 @@ def results(tiny_folder):
 
 
 def test_bench_required_keys(results):
-    for key in ("campaign_vs_limit", "campaign_vs_sequential", "prefix_reuse_speedup", "overhead", "sizes", "machine"):
+    for key in ("campaign_vs_limit", "campaign_vs_sequential", "prefix_reuse_speedup",
+                "prefix_reuse_speedup_full_length", "overhead", "sizes", "machine"):
         assert key in results
     assert set(results["overhead"]) == REQUIRED_VARIANTS
     assert all(ratio > 0 for ratio in results["overhead"].values())
@@ -51,6 +52,7 @@ def test_bench_abft_memory_counted(results):
 
 def test_bench_prefix_reuse_same_tokens(results):
     assert results["prefix_detail"]["tokens_equal_without_reuse"] is True
+    assert results["prefix_full_length_detail"]["tokens_equal_without_reuse"] is True
     assert results["prefix_detail"]["prompt_tokens"] >= 24
 
 
