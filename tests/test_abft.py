@@ -284,7 +284,7 @@ def test_decode_fault_at_later_step_corrected(tiny_llama, decode_check):
     assert torch.equal(tokens, golden)
 
 
-def test_per_pass_recomputes_only_the_faulty_step(tiny_llama):
+def test_per_pass_recomputes_faulty_step(tiny_llama):
     prompt = make_prompt(2, 6)
     golden = tiny_llama.generate(prompt, **GREEDY)
     _, clean_call = protected_run(tiny_llama, prompt, ABFT())
@@ -295,7 +295,7 @@ def test_per_pass_recomputes_only_the_faulty_step(tiny_llama):
     assert torch.equal(tokens, golden)
 
 
-def test_per_pass_report_only_keeps_the_corrupted_step(tiny_llama):
+def test_per_pass_report_only(tiny_llama):
     prompt = make_prompt(1, 6)
     golden = tiny_llama.generate(prompt, **GREEDY)
     flip = FlipAtStep(2)
@@ -306,7 +306,7 @@ def test_per_pass_report_only_keeps_the_corrupted_step(tiny_llama):
     assert not torch.equal(tokens, golden)
 
 
-def test_per_pass_falls_back_to_per_layer_for_a_static_cache(tiny_llama):
+def test_per_pass_static_cache_fallback(tiny_llama):
     """A static cache is written in place and cannot be rolled back, so each layer is checked as it runs."""
     prompt = make_prompt(2, 6)
     static = dict(GREEDY, cache_implementation="static")
@@ -355,7 +355,7 @@ def test_weight_fault_at_decode_restored_per_pass(tiny_llama):
 
 
 @pytest.mark.parametrize("roles", [("o_proj", "down_proj"), "all_linear"])
-def test_per_pass_and_per_layer_agree_when_fault_free(tiny_llama, roles):
+def test_decode_checks_fault_free(tiny_llama, roles):
     prompt = make_prompt(3, 6)
     golden = tiny_llama.generate(prompt, **GREEDY)
     per_pass, pass_call = protected_run(tiny_llama, prompt, ABFT(roles=roles))
@@ -393,7 +393,7 @@ def test_per_pass_in_half_precision(dtype):
 
 
 def test_per_pass_with_bias_and_conv1d():
-    """GPT-2 layers carry biases and store W as [in, out]; both enter the stacked checksums."""
+    """GPT-2 layers carry biases and store W as [in, out], and both enter the stacked checksums."""
     model = make_tiny_model("gpt2")
     prompt = make_prompt(2, 6)
     golden = model.generate(prompt, **GREEDY)
@@ -405,7 +405,7 @@ def test_per_pass_with_bias_and_conv1d():
     assert torch.equal(tokens, golden)
 
 
-def test_per_pass_buffers_work_in_and_out_of_inference_mode(tiny_llama):
+def test_per_pass_inference_mode_buffers(tiny_llama):
     """Stacking buffers made during an inference-mode generate stay writable by a later plain one."""
     prompt = make_prompt(2, 6)
     golden = tiny_llama.generate(prompt, **GREEDY)
