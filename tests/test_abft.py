@@ -392,6 +392,29 @@ def test_per_pass_inference_mode_buffers(tiny_llama):
     assert torch.equal(second, golden)
 
 
+def test_per_pass_batch_size_changes(tiny_llama):
+    """Scratch buffers grow for a larger batch and serve a smaller one after it."""
+    small, large = make_prompt(1, 6), make_prompt(3, 6)
+    golden_small, golden_large = tiny_llama.generate(small, **GREEDY), tiny_llama.generate(large, **GREEDY)
+    down_proj = tiny_llama.model.layers[1].mlp.down_proj
+    guard.protect(tiny_llama, ABFT(roles="all_linear"))
+    try:
+        first = tiny_llama.generate(small, **GREEDY)
+        handle = down_proj.register_forward_hook(FlipAtStep(2, row=2), prepend=True)
+        try:
+            second = tiny_llama.generate(large, **GREEDY)
+        finally:
+            handle.remove()
+        call = guard.get_report(tiny_llama).last_call
+        third = tiny_llama.generate(small, **GREEDY)
+    finally:
+        guard.unprotect(tiny_llama)
+    assert [(d.step, d.row) for d in call.detections] == [(2, 2)]
+    assert torch.equal(first, golden_small)
+    assert torch.equal(second, golden_large)
+    assert torch.equal(third, golden_small)
+
+
 def test_plain_forward_corrected(tiny_llama):
     prompt = make_prompt(2, 6)
     golden = tiny_llama(prompt).logits
