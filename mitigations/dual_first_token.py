@@ -82,8 +82,9 @@ def _kv_checksum(cache: Any) -> torch.Tensor | None:
         values = getattr(layer, "values", None)
         if not torch.is_tensor(keys) or keys.dim() < 2:
             continue
-        sums.append(keys.double().flatten(1).sum(1))
-        sums.append(values.double().flatten(1).sum(1))
+        # sum(dtype=float64) accumulates in float64 without a float64 copy of the cache.
+        sums.append(keys.flatten(1).sum(1, dtype=torch.float64))
+        sums.append(values.flatten(1).sum(1, dtype=torch.float64))
     return torch.stack(sums, dim=1) if sums else None
 
 
