@@ -583,11 +583,22 @@ def command_bench(args: argparse.Namespace) -> int:
     if args.json:
         from evals.store import ensure_writable
 
-        ensure_writable(Path(args.json).expanduser().resolve().parent)
+        target = Path(args.json).expanduser().resolve()
+        if target.is_dir():
+            raise ConfigError(f"--json={args.json!r} is a directory. Give a file path such as {args.json}/bench.json.")
+        ensure_writable(target.parent)
     results = bench.run_bench(options)
     print(bench.format_results(results), end="")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        text = json.dumps(results, indent=2, sort_keys=True) + "\n"
+        try:
+            Path(args.json).write_text(text, encoding="utf-8")
+        except OSError as error:
+            # The run took minutes: print the results rather than lose them.
+            print(text, end="")
+            raise ConfigError(
+                f"--json={args.json!r} could not be written ({error.strerror}). The JSON results are printed above."
+            ) from None
         print(f"wrote {args.json}")
     return 0
 

@@ -77,6 +77,13 @@ def test_bench_options_reject_unknown_part():
         bench.BenchOptions(parts=("overheads",))
 
 
+def test_bench_cli_json_directory_rejected(capsys, tiny_folder, tmp_path):
+    status = cli.main(["bench", "--model", str(tiny_folder), "--json", str(tmp_path)])
+
+    assert status != 0
+    assert f"--json='{tmp_path}' is a directory" in capsys.readouterr().err
+
+
 def test_bench_cli_writes_json(capsys, tiny_folder, tmp_path):
     target = tmp_path / "bench.json"
 
