@@ -684,6 +684,8 @@ class ABFT(Mitigation):
                 layer._record(rows, differences, x, pending.info, "recomputed" if recompute else "none", note)
             if not recompute:
                 return None
+            # NOTE: the rollback also drops a KV-cache fault that another hook injected into
+            # this step's new positions after the forward; that needs both faults in one step.
             pending.roll_back_cache()
             # The recomputation is a redundant pass of this step: its layers are checked one by
             # one, so a persistent fault (a corrupted weight) is handled by scrubbing.
