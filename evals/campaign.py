@@ -391,19 +391,12 @@ def golden_prefix(model, tokenizer, prompt_ids: torch.Tensor, rows: int, max_new
     """Run ``rows`` fault-free copies of the prompt and return their sequences and KV cache."""
     from evals.prefix import golden_cache_of
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     input_ids = prompt_ids.to(_model_device(model)).repeat(rows, 1)
     watch = _NonFiniteWatch(model, rows)
     try:
-        with torch.inference_mode():
-            output = model.generate(
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=pad_id,
-                return_dict_in_generate=True,
-            )
+        output = _greedy_generate(
+            model, tokenizer, input_ids, torch.ones_like(input_ids), max_new_tokens, return_dict_in_generate=True
+        )
     finally:
         watch.remove()
     return GoldenRun(output.sequences, golden_cache_of(output), watch.flags)
@@ -426,7 +419,7 @@ def _collect_rows(
     return BatchResult(results, seconds, forward_passes)
 
 
-def _greedy_generate(model, tokenizer, input_ids, attention_mask, max_new_tokens):
+def _greedy_generate(model, tokenizer, input_ids, attention_mask, max_new_tokens, **generate_options):
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with torch.inference_mode():
         return model.generate(
@@ -435,6 +428,7 @@ def _greedy_generate(model, tokenizer, input_ids, attention_mask, max_new_tokens
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=pad_id,
+            **generate_options,
         )
 
 
@@ -835,22 +829,21 @@ def _dedupe(detections: list[dict]) -> list[dict]:
     return unique
 
 
-def _may_reuse_prefix(config) -> bool:
+def _all_arms_unprotected(config) -> bool:
     # NOTE: only unprotected arms reuse the prefix. Mitigations act on forward 0 (dual
     # first-token) or rerun generate with its inputs (dynamic shots), which a pre-filled
     # cache would break, and every arm of an A/B run must do the same work for fair timing.
-    return bool(config.prefix_reuse) and not any(parse_arm(name) for name in config.arms)
+    return not any(parse_arm(name) for name in config.arms)
 
 
 def _fault_step(context: CampaignContext, input_index: int, trial: int) -> int:
+    """Return the decode step a trial's fault resumes at, or 0 when it cannot reuse a prefix."""
     fault = context.planner.for_row(trial, context.inputs[input_index].prompt_length, 0)
-    if getattr(fault, "persistent", False):
-        return 0
-    return int(getattr(fault, "forward", 0) or 0)
+    return reusable_step([fault]) or 0
 
 
 def _use_prefix(context: CampaignContext, prepared: PreparedInput, faults: list) -> bool:
-    if not _may_reuse_prefix(context.config):
+    if not context.config.prefix_reuse or not _all_arms_unprotected(context.config):
         return False
     if context.batches_per_shape.get((prepared.index, len(faults)), 0) < 2:
         return False
@@ -1048,7 +1041,7 @@ def run_campaign(
     context = _build_context(config, model, tokenizer, task)
     units = plan_units(len(context.inputs), config.trials, config.trials_per_batch)
     # The grouping must not depend on prefix_reuse itself, so runs with and without it agree.
-    if not any(parse_arm(name) for name in config.arms):
+    if _all_arms_unprotected(config):
         units = order_by_step(units, lambda index, trial: _fault_step(context, index, trial))
     mine = shard_units(units, dist.rank, dist.world_size)
     context.batches_per_shape = dict(Counter((unit.input_index, len(unit.trial_ids) + 1) for unit in mine))
