@@ -75,4 +75,5 @@ def test_ab_smollm2_all_arms(smollm2, tmp_path, capsys):
     summary = json.loads((tmp_path / "summary.json").read_text())
     none = next(arm for arm in summary["arms"] if arm["arm"] == "none")
     assert none["n"] == 14
-    assert none["accuracy_fault_free"]["n"] == 14
+    # Fault-free accuracy counts distinct inputs (limit=2), not trials.
+    assert none["accuracy_fault_free"]["n"] == 2
