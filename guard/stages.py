@@ -260,7 +260,7 @@ class StageTracker:
             self._current = self._stack.pop() if self._stack else None
 
 
-# transformers 5.x passes the KV cache to a forward as ``cache``; earlier releases as
+# transformers 5.x passes the KV cache to a forward as ``cache``, and earlier releases as
 # ``past_key_values``.
 CACHE_KEYS = ("cache", "past_key_values")
 

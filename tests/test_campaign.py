@@ -335,7 +335,7 @@ def test_prefix_batch_equals_fresh_batch():
 
 
 def test_prefix_batch_past_golden_end():
-    """Faults after the step where every golden row ended never fire: the golden rows are the result."""
+    """Faults after the step where every golden row ended never fire, so the golden rows are the result."""
     from evals.campaign import golden_prefix, run_batch_from_prefix
 
     model = make_tiny_model("llama")
