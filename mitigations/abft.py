@@ -220,9 +220,18 @@ class _CheckedLayer:
     def mismatching_rows(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (indices of rows failing the check, their checksum differences)."""
         check_dtype = _check_dtype(x.dtype)
+        sums = self.checksums(check_dtype, y.dtype)
         x3 = x.reshape(1, -1, x.shape[-1]).to(check_dtype)  # [1, rows, in]
         y3 = y.reshape(1, -1, y.shape[-1])  # [1, rows, out]
-        passed, difference = _verify(x3, y3, self.checksums(check_dtype, y.dtype))
+        if x3.dtype != x.dtype:
+            # A converted copy: |x| may overwrite it once the dot product has read it.
+            terms = _input_terms(x3, sums, abs_x=x3)
+        else:
+            terms = _row_dot(x3, sums.column), _row_dot(self.mitigation._abs_input(x, x3), sums.abs_column)
+        # |y| goes to a reused buffer. A new prompt-sized tensor per layer would be allocated and
+        # faulted in page by page on every call.
+        abs_y = self.mitigation._scratch.view("abs_y", y3.shape, y3.dtype, y3.device)
+        passed, difference = _compare(terms, y3, sums, abs_y)
         if bool(passed.all()):
             return _NO_ROWS, _NO_DIFFERENCES
         bad = ~passed[0]
@@ -236,10 +245,8 @@ class _CheckedLayer:
         pending = self.mitigation._pending
         if pending is not None and pending.info is info:
             # Verified with the step's other layers when the step's forward ends.
-            # NOTE: a model that changed a kept input or output in place later in the step would
-            # fail this check. Llama and GPT-2 in this package's tests do not.
             self.checks += 1
-            pending.outputs.append((self, args[0], output))
+            self.mitigation._keep(pending, self, args[0], output)
             return None
         if info is not None:
             stages = self.config.stages
@@ -297,7 +304,7 @@ class _CheckedLayer:
                     x.reshape(-1, x.shape[-1])[remaining], flat[remaining]
                 )
                 action = "restored" if restored and not still_bad.numel() else "none"
-        self._record(rows, differences, x, info, action)
+        self._record(rows, differences, x.shape, info, action)
         return corrected if correction != "none" else None
 
     def _recompute(self, x: torch.Tensor) -> torch.Tensor:
@@ -353,9 +360,9 @@ class _CheckedLayer:
             failed_rows = torch.cat([failed_rows, fixed[still_bad]])
         return failed_rows
 
-    def _record(self, rows, differences, x, info, action, note: str = "") -> None:
+    def _record(self, rows, differences, x_shape: torch.Size, info, action, note: str = "") -> None:
         context = self.mitigation._context
-        seq_len = x.shape[1] if x.dim() == 3 else None
+        seq_len = x_shape[1] if len(x_shape) == 3 else None
         by_row: dict[tuple[int | None, str | None], list[float]] = {}
         for flat_row, difference in zip(rows.tolist(), differences.tolist()):
             batch_row = flat_row // seq_len if seq_len else None
@@ -469,10 +476,10 @@ class _CheckedLayer:
 class _Scratch:
     """Flat buffers reused from step to step, one per (slot, dtype, device), grown on demand.
 
-    A decode step's stacked inputs and outputs go here and the check then overwrites them. In
-    a warm loop over one SmolLM2-135M decode step (all linear layers, batch 8), reused buffers
-    overwritten in place cut the check from 2.7 ms to 1.1 ms against fresh tensors. One buffer
-    per slot serves every group of layers, because the groups are checked one after another.
+    A decode step's stacked inputs and outputs go here (one slot per group of layers), and so
+    do the absolute values of a prompt pass's inputs and outputs. In a warm loop over one
+    SmolLM2-135M decode step (all linear layers, batch 8), reused buffers overwritten in place
+    cut the check from 2.7 ms to 1.1 ms against fresh tensors.
     """
 
     def __init__(self) -> None:
@@ -496,6 +503,25 @@ class _Scratch:
 _REWINDABLE_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer)
 
 
+class _Stack:
+    """Inputs and outputs of one group of equally shaped layers, copied in as the layers run.
+
+    Kept from step to step while the shapes stay the same, with one view per layer made once.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+        self.x = x  # [L, *rows, in]
+        self.y = y  # [L, *rows, out]
+        self.x_slots = x.unbind(0)
+        self.y_slots = y.unbind(0)
+        self.filled = [False] * x.shape[0]
+
+    def fits(self, x: torch.Tensor, y: torch.Tensor) -> bool:
+        return self.x_slots[0].shape == x.shape and self.y_slots[0].shape == y.shape and (
+            self.x.dtype == x.dtype and self.y.dtype == y.dtype
+        )
+
+
 @dataclass
 class _PendingPass:
     """Checked layers' inputs and outputs of one decode step, verified when the step ends."""
@@ -504,7 +530,9 @@ class _PendingPass:
     cache_layers: list = field(default_factory=list)
     # Attributes of each cache layer when the step began; empty when no rollback is needed.
     cache_state: list[dict] = field(default_factory=list)
-    outputs: list[tuple["_CheckedLayer", torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    stacks: dict[tuple, _Stack] = field(default_factory=dict)
+    # Calls that do not fit their group's stack: a layer run twice, or another shape or dtype.
+    extra: list[tuple["_CheckedLayer", torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
     def roll_back_cache(self) -> None:
         """Drop the positions the step appended to the KV cache."""
@@ -515,7 +543,7 @@ class _PendingPass:
 
 @dataclass
 class _Checksums:
-    """Check operands of ``L`` linear layers with equal shapes, stacked for one call of :func:`_verify`."""
+    """Check operands of ``L`` linear layers with equal shapes, stacked for one call of :func:`_compare`."""
 
     column: torch.Tensor  # [L, in]: W.sum(0) per layer
     abs_column: torch.Tensor  # [L, in]: |W|.sum(0) per layer
@@ -545,26 +573,41 @@ class _Checksums:
         )
 
 
-def _verify(
-    x: torch.Tensor, y: torch.Tensor, sums: _Checksums, scratch: bool = False
+def _input_terms(
+    x: torch.Tensor, sums: _Checksums, abs_x: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``x @ w_c`` and ``A = |x| @ |W|_c``, both ``[L, rows]``, for ``x [L, rows, in]``.
+
+    ``x`` is in the check format. ``abs_x`` receives ``|x|``: a reused buffer of ``x``'s shape,
+    or ``x`` itself when it is a copy the check may overwrite. Without it ``|x|`` is a new tensor.
+    """
+    dot = _row_dot(x, sums.column)
+    return dot, _row_dot(torch.abs(x, out=abs_x), sums.abs_column)
+
+
+def _compare(
+    terms: tuple[torch.Tensor, torch.Tensor],
+    y: torch.Tensor,
+    sums: _Checksums,
+    abs_y: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Check ``sum_j y_j = x @ w_c + sum_j b_j`` for every row of ``L`` layers at once.
 
-    ``x`` is ``[L, rows, in]`` in the check format, ``y`` is ``[L, rows, out]``. Returns
-    ``passed [L, rows]`` and the absolute checksum differences ``[L, rows]``. Every operation
-    runs in the check format, and its rounding is bounded and added to the tolerance.
-    ``scratch=True`` lets the check overwrite ``x`` and ``y`` (stacked copies) instead of
-    allocating.
+    ``terms`` are :func:`_input_terms` of the layers' inputs, ``y`` is ``[L, rows, out]``.
+    Returns ``passed [L, rows]`` and the absolute checksum differences ``[L, rows]``. Every
+    operation runs in the check format, and its rounding is bounded and added to the tolerance.
+    ``abs_y`` receives ``|y|`` as ``abs_x`` does ``|x|`` in :func:`_input_terms`.
     """
-    check_dtype = x.dtype
+    dot, magnitude = terms
+    check_dtype = dot.dtype
     # sum(dtype=...) accumulates sum_j y_j in the check format without a converted copy of y.
-    difference = y.sum(-1, dtype=check_dtype).sub_(_row_dot(x, sums.column))  # [L, rows]
+    difference = y.sum(-1, dtype=check_dtype).sub_(dot)  # [L, rows]
     if sums.bias is not None:
         difference.sub_(sums.bias)
     difference.abs_()
-    magnitude = _row_dot(x.abs_() if scratch else x.abs(), sums.abs_column)  # [L, rows]: A = |x| @ |W|_c
     # tolerance = gamma * (A + sum|b|) + u_out * sum_j |y_j| + the check's own rounding.
-    tolerance = (y.abs_() if scratch else y.abs()).sum(-1, dtype=check_dtype).mul_(sums.output_factor)
+    # abs() then sum(): on CPU, linalg.vector_norm(ord=1) measured 6x slower than the pair.
+    tolerance = torch.abs(y, out=abs_y).sum(-1, dtype=check_dtype).mul_(sums.output_factor)
     tolerance.add_(magnitude, alpha=sums.magnitude_factor)
     if sums.bias_tolerance is not None:
         tolerance.add_(sums.bias_tolerance)
@@ -581,6 +624,15 @@ def _row_dot(x: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
         return (x[0] @ vectors[0]).unsqueeze(0)
     # Stacked decode rows: a fused multiply-sum. A single-column bmm measured ~5x slower on CPU.
     return torch.linalg.vecdot(x, vectors.unsqueeze(1))
+
+
+def _version(tensor: torch.Tensor) -> int:
+    """Return the tensor's version counter, which in-place writes advance.
+
+    NOTE: inference-mode tensors have no counter, so an in-place write to a layer input
+    between two layers that read it goes unseen. Llama and GPT-2 do not write those inputs.
+    """
+    return 0 if tensor.is_inference() else tensor._version
 
 
 def _check_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -626,9 +678,17 @@ class ABFT(Mitigation):
     def _install(self, model: nn.Module, context, handle: InstallHandle) -> None:
         sites = select_linear(model, self.config.roles, self.config.layers, self.config.modules, owner="abft")
         self.layers = [_CheckedLayer(site, self.config, self) for site in sites]
+        # Layers of equal weight shape form one group, checked together in a decode step.
+        self._groups: dict[tuple[int, int], list[_CheckedLayer]] = {}
+        self._stacks: dict[tuple[int, int], _Stack] = {}
+        for layer in self.layers:
+            members = self._groups.setdefault((layer.in_features, layer.out_features), [])
+            layer.group, layer.slot = (layer.in_features, layer.out_features), len(members)
+            members.append(layer)
         self._pending: _PendingPass | None = None
         self._stacked: dict[tuple, _Checksums] = {}
         self._scratch = _Scratch()
+        self._abs_source: tuple[torch.Tensor, int] | None = None
         for layer in self.layers:
             # No prepend: the check must see the output after any fault-injecting hook.
             handle.add_hook(layer.site.module.register_forward_hook(layer.hook))
@@ -644,9 +704,25 @@ class ABFT(Mitigation):
 
     def _forget(self) -> None:
         self.layers = []
+        self._groups = {}
+        self._stacks = {}
         self._pending = None
         self._stacked = {}
         self._scratch = _Scratch()
+        self._abs_source = None
+
+    def _abs_input(self, x: torch.Tensor, x3: torch.Tensor) -> torch.Tensor:
+        """Return ``|x3|`` (``x3`` is ``x`` reshaped) in a reused buffer.
+
+        Layers that read one input (q/k/v, gate/up) get the buffer as the first one filled it,
+        as long as ``x`` is the same tensor at the same version.
+        """
+        buffer = self._scratch.view("abs_x", x3.shape, x3.dtype, x3.device)
+        source = self._abs_source
+        if source is None or source[0] is not x or source[1] != _version(x):
+            torch.abs(x3, out=buffer)
+            self._abs_source = (x, _version(x))
+        return buffer
 
     # ----- decode steps checked per pass -------------------------------------------------
 
@@ -681,8 +757,8 @@ class ABFT(Mitigation):
                 return None
             recompute = self.config.correction == "recompute"
             note = "; the decode step was recomputed" if recompute else ""
-            for layer, rows, differences, x in failures:
-                layer._record(rows, differences, x, pending.info, "recomputed" if recompute else "none", note)
+            for layer, rows, differences, x_shape in failures:
+                layer._record(rows, differences, x_shape, pending.info, "recomputed" if recompute else "none", note)
             if not recompute:
                 return None
             # NOTE: the rollback also drops a KV-cache fault that another hook injected into
@@ -693,39 +769,70 @@ class ABFT(Mitigation):
             with context.redundant():
                 return module(*args, **kwargs)
 
-    def _verify_pass(self, pending: _PendingPass) -> list[tuple[_CheckedLayer, torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Check every kept layer output of a step.
+    def _keep(self, pending: _PendingPass, layer: _CheckedLayer, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Copy one layer call's input and output into its group's stack for the step's check.
 
-        Returns ``(layer, rows, differences, x)`` for each failing layer.
+        The copy reads x and y while they are still in cache. Stacking them when the step
+        ends reads them back from memory, which measured about twice the time.
         """
-        groups: dict[tuple, list[tuple[_CheckedLayer, torch.Tensor, torch.Tensor]]] = {}
-        for entry in pending.outputs:
-            layer, x, y = entry
-            groups.setdefault((layer.in_features, x.shape, x.dtype, y.shape, y.dtype), []).append(entry)
+        group = layer.group
+        stack = pending.stacks.get(group)
+        if stack is None:
+            stack = self._stacks.get(group)
+            if stack is None or not stack.fits(x, y):
+                count = len(self._groups[group])
+                stack = self._stacks[group] = _Stack(
+                    self._scratch.view(("x", group), (count, *x.shape), x.dtype, x.device),
+                    self._scratch.view(("y", group), (count, *y.shape), y.dtype, y.device),
+                )
+            stack.filled = [False] * len(stack.filled)
+            pending.stacks[group] = stack
+        if stack.filled[layer.slot] or not stack.fits(x, y):
+            pending.extra.append((layer, x, y))
+            return
+        stack.x_slots[layer.slot].copy_(x)
+        stack.y_slots[layer.slot].copy_(y)
+        stack.filled[layer.slot] = True
+
+    def _verify_pass(self, pending: _PendingPass) -> list[tuple[_CheckedLayer, torch.Tensor, torch.Tensor, torch.Size]]:
+        """Check every kept layer call of a step.
+
+        Returns ``(layer, rows, differences, input shape)`` for each failing layer call.
+        """
         failures = []
-        scratch = self._scratch
-        for (in_features, x_shape, x_dtype, y_shape, y_dtype), entries in groups.items():
-            layers = [layer for layer, _, _ in entries]
-            count = len(layers)
-            check_dtype = _check_dtype(x_dtype)
-            device = entries[0][1].device
-            x = scratch.view("x", (count, *x_shape), x_dtype, device)
-            torch.stack([entry[1] for entry in entries], out=x)  # [L, *rows, in]
-            if x_dtype != check_dtype:
-                # The check reads inputs in its own format; a float32 input is read as stacked.
-                x = scratch.view("x_check", x.shape, check_dtype, device).copy_(x)
-            y = scratch.view("y", (count, *y_shape), y_dtype, device)
-            torch.stack([entry[2] for entry in entries], out=y)  # [L, *rows, out]
-            sums = self._stacked_checksums(layers, check_dtype, y_dtype)
-            passed, difference = _verify(
-                x.view(count, -1, in_features), y.view(count, -1, y_shape[-1]), sums, scratch=True
-            )
-            if bool(passed.all()):
-                continue
-            for index in torch.nonzero(~passed.all(-1)).flatten().tolist():
-                bad = ~passed[index]
-                rows = torch.nonzero(bad).flatten()
-                failures.append((layers[index], rows, difference[index][bad], entries[index][1]))
+        for group, stack in pending.stacks.items():
+            layers = [layer for layer, filled in zip(self._groups[group], stack.filled) if filled]
+            x, y = stack.x, stack.y
+            if len(layers) < len(stack.filled):
+                # Some layers did not run in this step: check the ones that did.
+                slots = torch.tensor([layer.slot for layer in layers], device=x.device)
+                x, y = x.index_select(0, slots), y.index_select(0, slots)
+            failures += self._check_stacked(layers, x, y)
+        for layer, x, y in pending.extra:
+            failures += self._check_stacked([layer], x.unsqueeze(0).clone(), y.unsqueeze(0).clone())
+        return failures
+
+    def _check_stacked(
+        self, layers: list[_CheckedLayer], x: torch.Tensor, y: torch.Tensor
+    ) -> list[tuple[_CheckedLayer, torch.Tensor, torch.Tensor, torch.Size]]:
+        """Check ``L`` layers from their stacked inputs ``x [L, *rows, in]`` and outputs ``y``.
+
+        Both are copies: the check overwrites them with their absolute values.
+        """
+        count, x_shape = len(layers), x.shape[1:]
+        check_dtype = _check_dtype(x.dtype)
+        if x.dtype != check_dtype:
+            # The check reads inputs in its own format; a float32 input is read as stacked.
+            x = self._scratch.view("x_check", x.shape, check_dtype, x.device).copy_(x)
+        sums = self._stacked_checksums(layers, check_dtype, y.dtype)
+        x, y = x.view(count, -1, x.shape[-1]), y.view(count, -1, y.shape[-1])
+        passed, difference = _compare(_input_terms(x, sums, abs_x=x), y, sums, abs_y=y)
+        if bool(passed.all()):
+            return []
+        failures = []
+        for index in torch.nonzero(~passed.all(-1)).flatten().tolist():
+            bad = ~passed[index]
+            failures.append((layers[index], torch.nonzero(bad).flatten(), difference[index][bad], x_shape))
         return failures
 
     def _stacked_checksums(self, layers: list[_CheckedLayer], check_dtype, out_dtype) -> _Checksums:
@@ -755,3 +862,4 @@ class ABFT(Mitigation):
     def after_generate(self, context, output: Any) -> None:
         # Release the last step's kept tensors.
         self._pending = None
+        self._abs_source = None

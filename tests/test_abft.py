@@ -415,6 +415,83 @@ def test_per_pass_batch_size_changes(tiny_llama):
     assert torch.equal(third, golden_small)
 
 
+@pytest.mark.parametrize("stage", ["prefill", "decode"])
+@pytest.mark.parametrize("role", ["k_proj", "v_proj", "up_proj"])
+def test_fault_in_layer_sharing_input(tiny_llama, role, stage):
+    """A layer that reads the same input as an earlier checked layer is still checked on its own output."""
+    prompt = make_prompt(2, 6)
+    golden = tiny_llama.generate(prompt, **GREEDY)
+    block = tiny_llama.model.layers[1]
+    module = getattr(block.mlp if role == "up_proj" else block.self_attn, role)
+    flip = FlipOnce(row=1, bit=30) if stage == "prefill" else FlipAtStep(2, row=1)
+    tokens, call = protected_run(tiny_llama, prompt, ABFT(roles="all_linear"), module, flip)
+    assert flip.fired == 1
+    (detection,) = call.detections
+    assert detection.module.endswith(f"layers.1.{'mlp' if role == 'up_proj' else 'self_attn'}.{role}")
+    assert detection.row == 1
+    assert detection.action == "recomputed"
+    assert torch.equal(tokens, golden)
+
+
+def test_shared_abs_input_follows_in_place_change(tiny_llama):
+    """The |x| buffer shared by layers with one input is reused, and refilled when that input changes."""
+    guard.protect(tiny_llama, ABFT(roles="all_linear"))
+    try:
+        abft = guard.protected_mitigations(tiny_llama)[0]
+        x = torch.randn(2, 3, 16)
+        first = abft._abs_input(x, x.reshape(1, -1, 16))
+        expected_first = x.abs().reshape(1, -1, 16)
+        first_matches = torch.equal(first, expected_first)
+        first.fill_(-1.0)  # a marker: a second reader of the unchanged x must get the buffer as is
+        reused = abft._abs_input(x, x.reshape(1, -1, 16)).clone()
+        x.mul_(-3)
+        changed = abft._abs_input(x, x.reshape(1, -1, 16)).clone()
+    finally:
+        guard.unprotect(tiny_llama)
+    assert first_matches
+    assert torch.equal(reused, torch.full_like(reused, -1.0))
+    assert torch.equal(changed, x.abs().reshape(1, -1, 16))
+
+
+def _kept_call(layer, rows=2, corrupt=False):
+    """Return ``(x, y)`` of one decode-shaped call of a checked layer, optionally with a flipped exponent."""
+    x = torch.randn(rows, 1, layer.in_features)
+    y = layer.site.module(x).detach()
+    if corrupt:
+        y = y.clone()
+        y[rows - 1, 0, 1:2].view(torch.int32).__ixor__(1 << 30)
+    return x, y
+
+
+@pytest.mark.parametrize(
+    "calls, failing",
+    [
+        ([(0, False), (0, True)], [(0, 1)]),  # a layer run twice in a step: the second call is checked alone
+        ([(0, False), (1, True)], [(1, 1)]),  # a group where not every layer ran
+        ([(0, True)], [(0, 1)]),
+    ],
+    ids=["repeated_call", "partial_group_second", "partial_group_first"],
+)
+def test_step_check_uneven_calls(tiny_llama, calls, failing):
+    """The step check covers repeated calls and groups whose layers did not all run."""
+    from mitigations.abft import _PendingPass
+
+    guard.protect(tiny_llama, ABFT(roles=["down_proj"]))
+    try:
+        abft = guard.protected_mitigations(tiny_llama)[0]
+        layers = list(abft.layers)
+        pending = _PendingPass(info=None)
+        with torch.no_grad():
+            for index, corrupt in calls:
+                abft._keep(pending, abft.layers[index], *_kept_call(abft.layers[index], corrupt=corrupt))
+            failures = abft._verify_pass(pending)
+    finally:
+        guard.unprotect(tiny_llama)
+    assert [(layers.index(layer), rows.tolist()) for layer, rows, _, _ in failures] == [
+        (index, [row]) for index, row in failing
+    ]
+
+
 def test_plain_forward_corrected(tiny_llama):
     prompt = make_prompt(2, 6)
     golden = tiny_llama(prompt).logits
