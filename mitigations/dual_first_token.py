@@ -15,7 +15,10 @@ says ``agreed`` instead of claiming a correction.
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import platform
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +33,37 @@ from mitigations.base import InstallHandle, Mitigation, MitigationConfig, regist
 
 logger = logging.getLogger(__name__)
 
+# glibc returns freed heap memory above its trim threshold to the kernel, and serves chunks
+# above its mmap threshold with fresh mappings. It raises both with the largest mmapped chunk
+# freed so far, up to 32 MiB and 64 MiB, but only when such a chunk is freed. The redundant
+# pass runs while the primary pass's KV cache is alive, so with lower thresholds its
+# activations come from fresh pages. On SmolLM2-135M (batch 8, 100 tokens) that measured
+# about 140,000 minor page faults, and the pass took 1.10-1.15 times a lone prompt pass. With
+# the thresholds at those maxima it measured about 10,000 faults and the time of a lone pass.
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_ALLOCATOR_THRESHOLDS = ((_M_MMAP_THRESHOLD, 32 << 20), (_M_TRIM_THRESHOLD, 64 << 20))
+_allocator_tuned = False
+
+
+def _tune_allocator() -> bool:
+    """Set glibc's mmap and trim thresholds to their dynamic maxima, once per process.
+
+    Returns whether the thresholds are set; False where the C library is not glibc.
+    """
+    global _allocator_tuned
+    if _allocator_tuned:
+        return True
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    _allocator_tuned = all(mallopt(option, value) == 1 for option, value in _ALLOCATOR_THRESHOLDS)
+    if _allocator_tuned:
+        logger.info("dual_first_token set glibc's mmap threshold to 32 MiB and trim threshold to 64 MiB")
+    return _allocator_tuned
 
 
 @dataclass
@@ -40,12 +74,16 @@ class DualFirstTokenConfig(MitigationConfig):
     right for CPU, where the same pass is bit-reproducible; raise it for nondeterministic GPU
     kernels). ``compare_kv``: also compare per-row KV-cache checksums. ``vote``: run a third
     time on disagreement and continue from the majority; with False, disagreement is only
-    reported.
+    reported. ``tune_allocator``: on glibc, set the C allocator's mmap and trim thresholds to
+    the maxima glibc itself would reach (32 MiB, 64 MiB) when the mitigation is installed, so
+    the redundant pass reuses freed memory instead of faulting in fresh pages. The setting is
+    process-wide and keeps up to 64 MiB of freed heap mapped; False leaves the allocator alone.
     """
 
     logits_atol: float = 0.0
     compare_kv: bool = True
     vote: bool = True
+    tune_allocator: bool = True
 
     def __post_init__(self) -> None:
         atol = self.logits_atol
@@ -54,7 +92,7 @@ class DualFirstTokenConfig(MitigationConfig):
                 f"dual_first_token.logits_atol={atol!r} is not valid; use a number >= 0 "
                 "(0 requires bit-identical logits)."
             )
-        for field in ("compare_kv", "vote"):
+        for field in ("compare_kv", "vote", "tune_allocator"):
             if not isinstance(getattr(self, field), bool):
                 raise ConfigError(
                     f"dual_first_token.{field}={getattr(self, field)!r} must be True or False."
@@ -112,6 +150,8 @@ class DualFirstToken(Mitigation):
             )
         self._model = model
         self._warned_cache = False
+        if self.config.tune_allocator:
+            _tune_allocator()
         # prepend=True on the top-level module only: the rerun must start while forward 0 is
         # still open in the stage tracker, so it counts as a recomputation of that pass.
         # Output-corrupting hooks live on submodules and still run before this one.

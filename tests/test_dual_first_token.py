@@ -48,11 +48,35 @@ def run_protected(model, prompt, mitigation, module=None, hook=None, **generate)
         (dict(logits_atol=-1), "logits_atol=-1 is not valid"),
         (dict(vote="yes"), "vote='yes' must be True or False"),
         (dict(compare_kv=1), "compare_kv=1 must be True or False"),
+        (dict(tune_allocator="no"), "tune_allocator='no' must be True or False"),
     ],
 )
 def test_config_rejects_bad_values(options, message):
     with pytest.raises(ConfigError, match=message):
         DualFirstToken(**options)
+
+
+@pytest.mark.parametrize("tune", [True, False])
+def test_allocator_tuned_only_when_asked(tiny_llama, monkeypatch, tune):
+    import mitigations.dual_first_token as dual
+
+    calls = []
+    monkeypatch.setattr(dual, "_tune_allocator", lambda: calls.append(1) or True)
+    guard.protect(tiny_llama, DualFirstToken(tune_allocator=tune))
+    guard.unprotect(tiny_llama)
+    assert len(calls) == (1 if tune else 0)
+
+
+def test_tune_allocator_sets_glibc_thresholds():
+    import platform
+    import sys
+
+    import mitigations.dual_first_token as dual
+
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt thresholds exist only in glibc")
+    assert dual._tune_allocator() is True
+    assert dual._tune_allocator() is True  # once per process, then a no-op
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text", "gpt2", "mixtral"])
