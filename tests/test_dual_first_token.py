@@ -67,7 +67,7 @@ def test_allocator_tuned_only_when_asked(tiny_llama, monkeypatch, tune):
     assert len(calls) == (1 if tune else 0)
 
 
-def test_tune_allocator_sets_glibc_thresholds():
+def test_tune_allocator_sets_glibc_thresholds(monkeypatch):
     import platform
     import sys
 
@@ -75,6 +75,7 @@ def test_tune_allocator_sets_glibc_thresholds():
 
     if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
         pytest.skip("mallopt thresholds exist only in glibc")
+    monkeypatch.setattr(dual, "_allocator_tuned", False)  # an earlier install may have set them
     assert dual._tune_allocator() is True
     assert dual._tune_allocator() is True  # once per process, then a no-op
 
