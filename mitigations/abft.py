@@ -552,6 +552,21 @@ class _Checksums:
     magnitude_factor: float  # multiplies |x| @ |W|_c
     output_factor: float  # multiplies sum_j |y_j|
 
+    def select(self, index: torch.Tensor) -> "_Checksums":
+        """Return the operands of the layers at ``index`` (a 1-D index tensor)."""
+
+        def pick(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor.index_select(0, index)
+
+        return _Checksums(
+            column=self.column.index_select(0, index),
+            abs_column=self.abs_column.index_select(0, index),
+            bias=pick(self.bias),
+            bias_tolerance=pick(self.bias_tolerance),
+            magnitude_factor=self.magnitude_factor,
+            output_factor=self.output_factor,
+        )
+
     @classmethod
     def stack(cls, parts: list["_Checksums"]) -> "_Checksums":
         """Stack layers that share ``in``, the check format and the output format."""
@@ -801,30 +816,37 @@ class ABFT(Mitigation):
         """
         failures = []
         for group, stack in pending.stacks.items():
-            layers = [layer for layer, filled in zip(self._groups[group], stack.filled) if filled]
-            x, y = stack.x, stack.y
-            if len(layers) < len(stack.filled):
-                # Some layers did not run in this step: check the ones that did.
+            members = self._groups[group]
+            layers = [layer for layer, filled in zip(members, stack.filled) if filled]
+            x, y, slots = stack.x, stack.y, None
+            if len(layers) < len(members):
+                # Some layers did not run in this step (MoE experts): check the ones that did.
                 slots = torch.tensor([layer.slot for layer in layers], device=x.device)
                 x, y = x.index_select(0, slots), y.index_select(0, slots)
-            failures += self._check_stacked(layers, x, y)
+            failures += self._check_stacked(members, x, y, slots)
         for layer, x, y in pending.extra:
             failures += self._check_stacked([layer], x.unsqueeze(0).clone(), y.unsqueeze(0).clone())
         return failures
 
     def _check_stacked(
-        self, layers: list[_CheckedLayer], x: torch.Tensor, y: torch.Tensor
+        self, layers: list[_CheckedLayer], x: torch.Tensor, y: torch.Tensor, slots: torch.Tensor | None = None
     ) -> list[tuple[_CheckedLayer, torch.Tensor, torch.Tensor, torch.Size]]:
-        """Check ``L`` layers from their stacked inputs ``x [L, *rows, in]`` and outputs ``y``.
+        """Check layers from their stacked inputs ``x [L, *rows, in]`` and outputs ``y [L, *rows, out]``.
 
+        ``slots``: the positions in ``layers`` that ``x`` and ``y`` hold, when not all of them.
         Both are copies: the check overwrites them with their absolute values.
         """
-        count, x_shape = len(layers), x.shape[1:]
+        count, x_shape = x.shape[0], x.shape[1:]
         check_dtype = _check_dtype(x.dtype)
         if x.dtype != check_dtype:
             # The check reads inputs in its own format; a float32 input is read as stacked.
             x = self._scratch.view("x_check", x.shape, check_dtype, x.device).copy_(x)
+        # Checksums are cached per whole group and selected per step, so the varying expert
+        # subsets of an MoE model do not each add a cache entry.
         sums = self._stacked_checksums(layers, check_dtype, y.dtype)
+        if slots is not None:
+            sums = sums.select(slots)
+            layers = [layers[slot] for slot in slots.tolist()]
         x, y = x.view(count, -1, x.shape[-1]), y.view(count, -1, y.shape[-1])
         passed, difference = _compare(_input_terms(x, sums, abs_x=x), y, sums, abs_y=y)
         if bool(passed.all()):

@@ -492,6 +492,28 @@ def test_step_check_uneven_calls(tiny_llama, calls, failing):
     ]
 
 
+def test_moe_step_checksums_cached_per_group():
+    """Expert subsets that change from step to step reuse their group's stacked checksums."""
+    model = make_tiny_model("qwen2_moe")
+    prompt = make_prompt(3, 7)
+    options = dict(GREEDY, max_new_tokens=24)
+    golden = model.generate(prompt, **options)
+    guard.protect(model, ABFT(roles="all_linear"))
+    try:
+        tokens = model.generate(prompt, **options)
+        abft = guard.protected_mitigations(model)[0]
+        # Allowed entries: a whole group, or one layer checked alone (an expert that got a
+        # different number of tokens than the first one of its group).
+        allowed = {tuple(id(layer) for layer in group) for group in abft._groups.values()}
+        allowed |= {(id(layer),) for layer in abft.layers}
+        cached = [key[0] for key in abft._stacked]
+    finally:
+        guard.unprotect(model)
+    assert torch.equal(tokens, golden)
+    assert cached
+    assert all(layers in allowed for layers in cached)
+
+
 def test_plain_forward_corrected(tiny_llama):
     prompt = make_prompt(2, 6)
     golden = tiny_llama(prompt).logits
