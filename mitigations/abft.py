@@ -25,11 +25,12 @@ the tensor's own format for such cases.
 
 Decode steps. A decode step has one position per row, so a per-layer check is a few tiny
 tensor ops whose dispatch costs more than their arithmetic. With ``decode_check="per_pass"``
-the layers only keep their input and output during a decode step, and one stacked check per
-group of equally shaped layers runs when the step's forward ends. A mismatch rolls the KV
-cache back to where the step began and recomputes the step as a redundant pass. That pass
-checks its layers one by one, and its fault-free rows come out bit-identical. ``"per_layer"`` checks
-(and corrects) every layer right after it runs. The prompt pass is always checked per layer.
+each layer only copies its input and output into a stack for its group of equally shaped
+layers during a decode step, and one check per group runs when the step's forward ends. A
+mismatch rolls the KV cache back to where the step began and recomputes the step as a
+redundant pass. That pass checks its layers one by one, and its fault-free rows come out
+bit-identical. ``"per_layer"`` checks (and corrects) every layer right after it runs. The
+prompt pass is always checked per layer.
 
 Weights in memory. Exact int64 sums of the weights' bit patterns per row and per column
 locate a corrupted element (its row and column sums differ by the same amount) and restore
