@@ -518,9 +518,9 @@ class _Stack:
         self.filled = [False] * x.shape[0]
 
     def fits(self, x: torch.Tensor, y: torch.Tensor) -> bool:
-        return self.x_slots[0].shape == x.shape and self.y_slots[0].shape == y.shape and (
-            self.x.dtype == x.dtype and self.y.dtype == y.dtype
-        )
+        """Return whether one layer call's ``x`` and ``y`` match a slot's shapes and dtypes."""
+        same_shapes = self.x_slots[0].shape == x.shape and self.y_slots[0].shape == y.shape
+        return same_shapes and self.x.dtype == x.dtype and self.y.dtype == y.dtype
 
 
 @dataclass
@@ -698,8 +698,9 @@ class ABFT(Mitigation):
         self._groups: dict[tuple[int, int], list[_CheckedLayer]] = {}
         self._stacks: dict[tuple[int, int], _Stack] = {}
         for layer in self.layers:
-            members = self._groups.setdefault((layer.in_features, layer.out_features), [])
-            layer.group, layer.slot = (layer.in_features, layer.out_features), len(members)
+            layer.group = (layer.in_features, layer.out_features)
+            members = self._groups.setdefault(layer.group, [])
+            layer.slot = len(members)
             members.append(layer)
         self._pending: _PendingPass | None = None
         self._stacked: dict[tuple, _Checksums] = {}

@@ -38,8 +38,9 @@ logger = logging.getLogger(__name__)
 # freed so far, up to 32 MiB and 64 MiB, but only when such a chunk is freed. The redundant
 # pass runs while the primary pass's KV cache is alive, so with lower thresholds its
 # activations come from fresh pages. On SmolLM2-135M (batch 8, 100 tokens) that measured
-# about 140,000 minor page faults, and the pass took 1.10-1.15 times a lone prompt pass. With
-# the thresholds at those maxima it measured about 10,000 faults and the time of a lone pass.
+# 20,000-150,000 minor page faults per pass, and up to 1.15 times the time of a lone prompt
+# pass. With the thresholds at those maxima it measured 7,000-12,000 faults and the time of a
+# lone pass.
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _ALLOCATOR_THRESHOLDS = ((_M_MMAP_THRESHOLD, 32 << 20), (_M_TRIM_THRESHOLD, 64 << 20))
@@ -49,7 +50,7 @@ _allocator_tuned = False
 def _tune_allocator() -> bool:
     """Set glibc's mmap and trim thresholds to their dynamic maxima, once per process.
 
-    Returns whether the thresholds are set; False where the C library is not glibc.
+    Return whether the thresholds are set, which is False where the C library is not glibc.
     """
     global _allocator_tuned
     if _allocator_tuned:
@@ -77,7 +78,7 @@ class DualFirstTokenConfig(MitigationConfig):
     reported. ``tune_allocator``: on glibc, set the C allocator's mmap and trim thresholds to
     the maxima glibc itself would reach (32 MiB, 64 MiB) when the mitigation is installed, so
     the redundant pass reuses freed memory instead of faulting in fresh pages. The setting is
-    process-wide and keeps up to 64 MiB of freed heap mapped; False leaves the allocator alone.
+    process-wide and keeps up to 64 MiB of freed heap mapped. False leaves the allocator alone.
     """
 
     logits_atol: float = 0.0

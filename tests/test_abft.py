@@ -433,7 +433,7 @@ def test_fault_in_layer_sharing_input(tiny_llama, role, stage):
     assert torch.equal(tokens, golden)
 
 
-def test_shared_abs_input_follows_in_place_change(tiny_llama):
+def test_shared_abs_input_refilled_on_change(tiny_llama):
     """The |x| buffer shared by layers with one input is reused, and refilled when that input changes."""
     guard.protect(tiny_llama, ABFT(roles="all_linear"))
     try:
