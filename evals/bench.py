@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 
 from guard.errors import ConfigError, unknown_choice
@@ -136,10 +137,11 @@ def parameter_bytes(model) -> int:
 
 
 def held_tensor_bytes(objects: list, model) -> int:
-    """Sum the bytes of tensors that mitigation objects hold outside the model's parameters.
+    """Sum the bytes of tensors and NumPy arrays that mitigation objects hold outside the model's parameters.
 
     NOTE: an estimate. It walks the objects' attributes (dicts, lists, tuples, dataclasses) and
-    counts each tensor storage once; buffers a mitigation keeps elsewhere are not seen.
+    counts each tensor storage and each array's memory once; buffers a mitigation keeps
+    elsewhere are not seen.
     """
     model_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen_storages: set[int] = set()
@@ -158,13 +160,22 @@ def held_tensor_bytes(objects: list, model) -> int:
                 seen_storages.add(pointer)
                 total += storage.nbytes()
             continue
-        if isinstance(item, torch.nn.Module):
+        if isinstance(item, np.ndarray):
+            # A view's memory belongs to its base array, counted once by its address.
+            owner = item if item.base is None or not isinstance(item.base, np.ndarray) else item.base
+            pointer = owner.__array_interface__["data"][0]
+            if pointer not in model_storages and pointer not in seen_storages:
+                seen_storages.add(pointer)
+                total += owner.nbytes
+            continue
+        if isinstance(item, torch.nn.Module) or callable(item):
+            # Modules hold the parameters; functions and compiled kernels hold no activations.
             continue
         if isinstance(item, dict):
             stack.extend(item.values())
         elif isinstance(item, (list, tuple, set)):
             stack.extend(item)
-        elif hasattr(item, "__dict__"):
+        elif isinstance(getattr(item, "__dict__", None), dict):
             stack.extend(vars(item).values())
     return total
 

@@ -46,6 +46,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -54,6 +55,7 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from guard.errors import ConfigError, unknown_choice
 from guard.report import Detection
 from guard.stages import ForwardInfo, cache_key_of
+from mitigations import checksum_kernel
 from mitigations.base import InstallHandle, Mitigation, MitigationConfig, register
 from mitigations.selection import (
     LinearSite,
@@ -96,6 +98,9 @@ class ABFTConfig(MitigationConfig):
     rounding tolerance, as the module documentation describes. ``decode_check``:
     ``"per_pass"`` verifies all checked layers of a decode step together when the step ends
     and recomputes the step on a mismatch; ``"per_layer"`` verifies each layer as it runs.
+    ``fused_check``: compute the check's sums on CPU with one compiled kernel that reads each
+    activation once (needs numba, float32 or float64 activations). False, or where the kernel
+    does not apply, uses PyTorch operators with the same tolerance.
     """
 
     roles: Any = ("o_proj", "down_proj")
@@ -108,6 +113,7 @@ class ABFTConfig(MitigationConfig):
     accumulation: str = "float32"
     bound: str = "worst_case"
     decode_check: str = "per_pass"
+    fused_check: bool = True
 
     def __post_init__(self) -> None:
         self.roles = normalize_roles("abft.roles", self.roles)
@@ -126,6 +132,8 @@ class ABFTConfig(MitigationConfig):
             raise ConfigError(unknown_choice("abft.bound", self.bound, BOUNDS))
         if self.decode_check not in DECODE_CHECKS:
             raise ConfigError(unknown_choice("abft.decode_check", self.decode_check, DECODE_CHECKS))
+        if not isinstance(self.fused_check, bool):
+            raise ConfigError(f"abft.fused_check={self.fused_check!r} must be True or False.")
         scale = self.tolerance_scale
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale >= 1.0:
             raise ConfigError(
@@ -224,19 +232,27 @@ class _CheckedLayer:
         sums = self.checksums(check_dtype, y.dtype)
         x3 = x.reshape(1, -1, x.shape[-1]).to(check_dtype)  # [1, rows, in]
         y3 = y.reshape(1, -1, y.shape[-1])  # [1, rows, out]
-        if x3.dtype != x.dtype:
-            # A converted copy: |x| may overwrite it once the dot product has read it.
-            terms = _input_terms(x3, sums, abs_x=x3)
+        if self.config.fused_check and checksum_kernel.supports(x3, y3, sums.column):
+            passed, difference = _fused_check(x3, y3, sums)
         else:
-            terms = _row_dot(x3, sums.column), _row_dot(self.mitigation._abs_input(x, x3), sums.abs_column)
-        # |y| goes to a reused buffer. A new prompt-sized tensor per layer would be allocated and
-        # faulted in page by page on every call.
-        abs_y = self.mitigation._scratch.view("abs_y", y3.shape, y3.dtype, y3.device)
-        passed, difference = _compare(terms, y3, sums, abs_y)
+            passed, difference = _compare(self._operator_terms(x, x3, y3, sums), sums)
         if bool(passed.all()):
             return _NO_ROWS, _NO_DIFFERENCES
         bad = ~passed[0]
         return torch.nonzero(bad, as_tuple=False).flatten(), difference[0][bad]
+
+    def _operator_terms(self, x, x3, y3, sums) -> tuple[torch.Tensor, ...]:
+        """Return the check terms of one call computed with PyTorch operators."""
+        if x3.dtype != x.dtype:
+            # A converted copy: |x| may overwrite it once the dot product has read it.
+            input_terms = _input_terms(x3, sums, abs_x=x3)
+        else:
+            abs_x = self.mitigation._abs_input(x, x3)
+            input_terms = _row_dot(x3, sums.column), _row_dot(abs_x, sums.abs_column)
+        # |y| goes to a reused buffer. A new prompt-sized tensor per layer would be allocated and
+        # faulted in page by page on every call.
+        abs_y = self.mitigation._scratch.view("abs_y", y3.shape, y3.dtype, y3.device)
+        return (*input_terms, *_output_terms(y3, sums.column.dtype, abs_y))
 
     def hook(self, module: nn.Module, args: tuple, output: Any) -> Any:
         context = self.mitigation._context
@@ -504,10 +520,11 @@ class _Scratch:
 _REWINDABLE_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer)
 
 
-class _Stack:
+class _CopyStack:
     """Inputs and outputs of one group of equally shaped layers, copied in as the layers run.
 
-    Kept from step to step while the shapes stay the same, with one view per layer made once.
+    Used where the fused kernel does not apply. Kept from step to step while the shapes stay the
+    same, with one view per layer made once.
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor):
@@ -516,11 +533,67 @@ class _Stack:
         self.x_slots = x.unbind(0)
         self.y_slots = y.unbind(0)
         self.filled = [False] * x.shape[0]
+        # Kept apart from the tensors: reading .shape creates a torch.Size on every call.
+        self.x_shape, self.y_shape = x.shape[1:], y.shape[1:]
+        self.dtype, self.y_dtype = x.dtype, y.dtype
 
     def fits(self, x: torch.Tensor, y: torch.Tensor) -> bool:
         """Return whether one layer call's ``x`` and ``y`` match a slot's shapes and dtypes."""
-        same_shapes = self.x_slots[0].shape == x.shape and self.y_slots[0].shape == y.shape
-        return same_shapes and self.x.dtype == x.dtype and self.y.dtype == y.dtype
+        same_shapes = x.shape == self.x_shape and y.shape == self.y_shape
+        return same_shapes and x.dtype == self.dtype and y.dtype == self.y_dtype
+
+    def keep(self, slot: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x_slots[slot].copy_(x)
+        self.y_slots[slot].copy_(y)
+
+    def check(self, slots: torch.Tensor | None, sums: "_Checksums", check_copies) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``passed`` and differences ``[L, rows]`` of the kept calls from ``check_copies(x, y, sums)``."""
+        x, y = self.x, self.y
+        if slots is not None:
+            slots = slots.to(x.device)
+            x, y = x.index_select(0, slots), y.index_select(0, slots)
+        count = x.shape[0]
+        return check_copies(x.view(count, -1, x.shape[-1]), y.view(count, -1, y.shape[-1]), sums)
+
+
+class _TermStack:
+    """Check terms of one group of equally shaped layers, computed by the fused kernel as each runs.
+
+    The kernel reads x and y while they are still in cache and writes four numbers per row.
+    Copies of x and y would be written to memory and read back when the step ends.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, sums: "_Checksums"):
+        count = sums.column.shape[0]
+        rows = x.numel() // x.shape[-1]
+        self.values = np.empty((4, count, rows))
+        column, abs_column = sums.column.numpy(), sums.abs_column.numpy()
+        # Per slot: its checksum vectors [in] and its columns of the terms [4, rows].
+        self.operands = [(column[k], abs_column[k], self.values[:, k]) for k in range(count)]
+        self.call_terms = checksum_kernel.kernels().call_terms
+        self.filled = [False] * count
+        self.x_shape, self.y_shape = x.shape, y.shape
+        self.dtype = self.y_dtype = x.dtype
+
+    def fits(self, x: torch.Tensor, y: torch.Tensor) -> bool:
+        """Return whether the kernel can take one layer call's ``x`` and ``y`` into a slot.
+
+        They must match the group's shapes and dtype and be contiguous CPU tensors that do not
+        require grad, which NumPy views need.
+        """
+        same_shapes = x.shape == self.x_shape and y.shape == self.y_shape
+        same_dtypes = x.dtype == self.dtype == y.dtype
+        layout = x.device.type == "cpu" == y.device.type and x.is_contiguous() and y.is_contiguous()
+        return same_shapes and same_dtypes and layout and not (x.requires_grad or y.requires_grad)
+
+    def keep(self, slot: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        column, abs_column, out = self.operands[slot]
+        self.call_terms(x.numpy(), y.numpy(), column, abs_column, out)
+
+    def check(self, slots: torch.Tensor | None, sums: "_Checksums", check_copies) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``passed`` and differences ``[L, rows]`` of the kept calls."""
+        values = self.values if slots is None else self.values[:, slots.numpy()]
+        return _fused_compare(values, sums)
 
 
 @dataclass
@@ -531,7 +604,7 @@ class _PendingPass:
     cache_layers: list = field(default_factory=list)
     # Attributes of each cache layer when the step began; empty when no rollback is needed.
     cache_state: list[dict] = field(default_factory=list)
-    stacks: dict[tuple, _Stack] = field(default_factory=dict)
+    stacks: dict[tuple, "_CopyStack | _TermStack"] = field(default_factory=dict)
     # Calls that do not fit their group's stack: a layer run twice, or another shape or dtype.
     extra: list[tuple["_CheckedLayer", torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
@@ -552,6 +625,20 @@ class _Checksums:
     bias_tolerance: torch.Tensor | None  # [L, 1]: the tolerance term of sum|b|
     magnitude_factor: float  # multiplies |x| @ |W|_c
     output_factor: float  # multiplies sum_j |y_j|
+    _bias_arrays: tuple | None = field(default=None, repr=False)
+
+    def bias_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """Return ``bias`` and ``bias_tolerance`` as ``[L]`` float64 arrays (zeros for None), for the kernels."""
+        if self._bias_arrays is None:
+            count = self.column.shape[0]
+
+            def flat(tensor: torch.Tensor | None) -> np.ndarray:
+                if tensor is None:
+                    return np.zeros(count)
+                return tensor.detach().double().cpu().reshape(count).numpy()
+
+            self._bias_arrays = (flat(self.bias), flat(self.bias_tolerance))
+        return self._bias_arrays
 
     def select(self, index: torch.Tensor) -> "_Checksums":
         """Return the operands of the layers at ``index`` (a 1-D index tensor)."""
@@ -601,29 +688,49 @@ def _input_terms(
     return dot, _row_dot(torch.abs(x, out=abs_x), sums.abs_column)
 
 
-def _compare(
-    terms: tuple[torch.Tensor, torch.Tensor],
-    y: torch.Tensor,
-    sums: _Checksums,
-    abs_y: torch.Tensor | None = None,
+def _output_terms(
+    y: torch.Tensor, check_dtype: torch.dtype, abs_y: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Check ``sum_j y_j = x @ w_c + sum_j b_j`` for every row of ``L`` layers at once.
+    """Return ``sum_j y_j`` and ``sum_j |y_j|``, both ``[L, rows]``, for ``y [L, rows, out]``.
 
-    ``terms`` are :func:`_input_terms` of the layers' inputs, ``y`` is ``[L, rows, out]``.
-    Returns ``passed [L, rows]`` and the absolute checksum differences ``[L, rows]``. Every
-    operation runs in the check format, and its rounding is bounded and added to the tolerance.
     ``abs_y`` receives ``|y|`` as ``abs_x`` does ``|x|`` in :func:`_input_terms`.
     """
-    dot, magnitude = terms
-    check_dtype = dot.dtype
-    # sum(dtype=...) accumulates sum_j y_j in the check format without a converted copy of y.
-    difference = y.sum(-1, dtype=check_dtype).sub_(dot)  # [L, rows]
+    # sum(dtype=...) accumulates in the check format without a converted copy of y.
+    total = y.sum(-1, dtype=check_dtype)
+    # abs() then sum(): on CPU, linalg.vector_norm(ord=1) measured 6x slower than the pair.
+    return total, torch.abs(y, out=abs_y).sum(-1, dtype=check_dtype)
+
+
+def _fused_check(x: torch.Tensor, y: torch.Tensor, sums: _Checksums) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check ``x [L, rows, in]`` against ``y [L, rows, out]`` with the fused kernels; see :func:`_compare`.
+
+    Call :func:`checksum_kernel.supports` first.
+    """
+    terms = checksum_kernel.stack_terms(x, y, sums.column, sums.abs_column)
+    return _fused_compare(terms, sums)
+
+
+def _fused_compare(terms: np.ndarray, sums: _Checksums) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compare kernel terms ``[4, L, rows]`` against the tolerance, as :func:`_compare` does."""
+    bias, bias_tolerance = sums.bias_arrays()
+    return checksum_kernel.compare(terms, bias, bias_tolerance, sums.magnitude_factor, sums.output_factor)
+
+
+def _compare(terms: tuple[torch.Tensor, ...], sums: _Checksums) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check ``sum_j y_j = x @ w_c + sum_j b_j`` for every row of ``L`` layers at once.
+
+    ``terms`` are ``x @ w_c``, ``|x| @ |W|_c``, ``sum_j y_j`` and ``sum_j |y_j|``, each
+    ``[L, rows]``, from :func:`_input_terms` and :func:`_output_terms`. Returns ``passed [L, rows]`` and the absolute checksum differences ``[L, rows]``. Every
+    term was computed in the check format or wider, and its rounding is bounded and added to
+    the tolerance.
+    """
+    dot, magnitude, total, abs_total = terms
+    difference = total.sub(dot)  # [L, rows]
     if sums.bias is not None:
         difference.sub_(sums.bias)
     difference.abs_()
     # tolerance = gamma * (A + sum|b|) + u_out * sum_j |y_j| + the check's own rounding.
-    # abs() then sum(): on CPU, linalg.vector_norm(ord=1) measured 6x slower than the pair.
-    tolerance = torch.abs(y, out=abs_y).sum(-1, dtype=check_dtype).mul_(sums.output_factor)
+    tolerance = abs_total.mul(sums.output_factor)
     tolerance.add_(magnitude, alpha=sums.magnitude_factor)
     if sums.bias_tolerance is not None:
         tolerance.add_(sums.bias_tolerance)
@@ -631,6 +738,19 @@ def _compare(
     # overflowed, which no fault-free row does, so it fails too.
     passed = (difference <= tolerance).logical_and_(tolerance < math.inf)
     return passed, difference
+
+
+def _failures(
+    layers: list, passed: torch.Tensor, difference: torch.Tensor, x_shape: torch.Size
+) -> list[tuple[Any, torch.Tensor, torch.Tensor, torch.Size]]:
+    """Return ``(layer, rows, differences, x_shape)`` for each layer with a failing row in ``passed [L, rows]``."""
+    if bool(passed.all()):
+        return []
+    failures = []
+    for index in torch.nonzero(~passed.all(-1)).flatten().tolist():
+        bad = ~passed[index]
+        failures.append((layers[index], torch.nonzero(bad).flatten(), difference[index][bad], x_shape))
+    return failures
 
 
 def _row_dot(x: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
@@ -696,7 +816,7 @@ class ABFT(Mitigation):
         self.layers = [_CheckedLayer(site, self.config, self) for site in sites]
         # Layers of equal weight shape form one group, checked together in a decode step.
         self._groups: dict[tuple[int, int], list[_CheckedLayer]] = {}
-        self._stacks: dict[tuple[int, int], _Stack] = {}
+        self._stacks: dict[tuple[int, int], _CopyStack | _TermStack] = {}
         for layer in self.layers:
             layer.group = (layer.in_features, layer.out_features)
             members = self._groups.setdefault(layer.group, [])
@@ -787,9 +907,9 @@ class ABFT(Mitigation):
                 return module(*args, **kwargs)
 
     def _keep(self, pending: _PendingPass, layer: _CheckedLayer, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Copy one layer call's input and output into its group's stack for the step's check.
+        """Keep one layer call of a decode step in its group's stack for the step's check.
 
-        The copy reads x and y while they are still in cache. Stacking them when the step
+        The stack reads x and y while they are still in cache. Stacking them when the step
         ends reads them back from memory, which measured about twice the time.
         """
         group = layer.group
@@ -797,19 +917,25 @@ class ABFT(Mitigation):
         if stack is None:
             stack = self._stacks.get(group)
             if stack is None or not stack.fits(x, y):
-                count = len(self._groups[group])
-                stack = self._stacks[group] = _Stack(
-                    self._scratch.view(("x", group), (count, *x.shape), x.dtype, x.device),
-                    self._scratch.view(("y", group), (count, *y.shape), y.dtype, y.device),
-                )
+                stack = self._stacks[group] = self._new_stack(group, x, y)
             stack.filled = [False] * len(stack.filled)
             pending.stacks[group] = stack
         if stack.filled[layer.slot] or not stack.fits(x, y):
             pending.extra.append((layer, x, y))
             return
-        stack.x_slots[layer.slot].copy_(x)
-        stack.y_slots[layer.slot].copy_(y)
+        stack.keep(layer.slot, x, y)
         stack.filled[layer.slot] = True
+
+    def _new_stack(self, group: tuple[int, int], x: torch.Tensor, y: torch.Tensor) -> _CopyStack | _TermStack:
+        members = self._groups[group]
+        sums = self._stacked_checksums(members, _check_dtype(x.dtype), y.dtype)
+        if self.config.fused_check and checksum_kernel.supports(x, y, sums.column):
+            return _TermStack(x, y, sums)
+        count = len(members)
+        return _CopyStack(
+            self._scratch.view(("x", group), (count, *x.shape), x.dtype, x.device),
+            self._scratch.view(("y", group), (count, *y.shape), y.dtype, y.device),
+        )
 
     def _verify_pass(self, pending: _PendingPass) -> list[tuple[_CheckedLayer, torch.Tensor, torch.Tensor, torch.Size]]:
         """Check every kept layer call of a step.
@@ -820,44 +946,42 @@ class ABFT(Mitigation):
         for group, stack in pending.stacks.items():
             members = self._groups[group]
             layers = [layer for layer, filled in zip(members, stack.filled) if filled]
-            x, y, slots = stack.x, stack.y, None
+            x_shape = stack.x_shape
+            # Checksums are cached per whole group and selected per step, so the varying expert
+            # subsets of an MoE model do not each add a cache entry.
+            sums = self._stacked_checksums(members, _check_dtype(stack.dtype), stack.y_dtype)
+            slots = None
             if len(layers) < len(members):
                 # Some layers did not run in this step (MoE experts): check the ones that did.
-                slots = torch.tensor([layer.slot for layer in layers], device=x.device)
-                x, y = x.index_select(0, slots), y.index_select(0, slots)
-            failures += self._check_stacked(members, x, y, slots)
+                slots = torch.tensor([layer.slot for layer in layers], device=sums.column.device)
+                sums = sums.select(slots)
+            passed, difference = stack.check(slots, sums, self._check_copies)
+            failures += _failures(layers, passed, difference, x_shape)
         for layer, x, y in pending.extra:
             failures += self._check_stacked([layer], x.unsqueeze(0).clone(), y.unsqueeze(0).clone())
         return failures
 
     def _check_stacked(
-        self, layers: list[_CheckedLayer], x: torch.Tensor, y: torch.Tensor, slots: torch.Tensor | None = None
+        self, layers: list[_CheckedLayer], x: torch.Tensor, y: torch.Tensor
     ) -> list[tuple[_CheckedLayer, torch.Tensor, torch.Tensor, torch.Size]]:
         """Check layers from their stacked inputs ``x [L, *rows, in]`` and outputs ``y [L, *rows, out]``.
 
-        ``slots``: the positions in ``layers`` that ``x`` and ``y`` hold, when not all of them.
-        Both are copies: the check overwrites them with their absolute values.
+        Both are copies: the check may overwrite them with their absolute values.
         """
         count, x_shape = x.shape[0], x.shape[1:]
-        check_dtype = _check_dtype(x.dtype)
+        sums = self._stacked_checksums(layers, _check_dtype(x.dtype), y.dtype)
+        passed, difference = self._check_copies(x.view(count, -1, x.shape[-1]), y.view(count, -1, y.shape[-1]), sums)
+        return _failures(layers, passed, difference, x_shape)
+
+    def _check_copies(self, x: torch.Tensor, y: torch.Tensor, sums: _Checksums) -> tuple[torch.Tensor, torch.Tensor]:
+        """Check copies ``x [L, rows, in]`` and ``y [L, rows, out]``, which it may overwrite; see :func:`_compare`."""
+        if self.config.fused_check and checksum_kernel.supports(x, y, sums.column):
+            return _fused_check(x, y, sums)
+        check_dtype = sums.column.dtype
         if x.dtype != check_dtype:
             # The check reads inputs in its own format; a float32 input is read as stacked.
             x = self._scratch.view("x_check", x.shape, check_dtype, x.device).copy_(x)
-        # Checksums are cached per whole group and selected per step, so the varying expert
-        # subsets of an MoE model do not each add a cache entry.
-        sums = self._stacked_checksums(layers, check_dtype, y.dtype)
-        if slots is not None:
-            sums = sums.select(slots)
-            layers = [layers[slot] for slot in slots.tolist()]
-        x, y = x.view(count, -1, x.shape[-1]), y.view(count, -1, y.shape[-1])
-        passed, difference = _compare(_input_terms(x, sums, abs_x=x), y, sums, abs_y=y)
-        if bool(passed.all()):
-            return []
-        failures = []
-        for index in torch.nonzero(~passed.all(-1)).flatten().tolist():
-            bad = ~passed[index]
-            failures.append((layers[index], torch.nonzero(bad).flatten(), difference[index][bad], x_shape))
-        return failures
+        return _compare((*_input_terms(x, sums, abs_x=x), *_output_terms(y, check_dtype, abs_y=y)), sums)
 
     def _stacked_checksums(self, layers: list[_CheckedLayer], check_dtype, out_dtype) -> _Checksums:
         key = (tuple(id(layer) for layer in layers), check_dtype, out_dtype)

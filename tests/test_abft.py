@@ -13,8 +13,8 @@ from mitigations.abft import ABFTConfig, unit_roundoff
 from tests.tiny_models import make_prompt, make_tiny_model
 
 GREEDY = dict(max_new_tokens=6, do_sample=False)
-INT_OF = {4: torch.int32, 2: torch.int16}
-EXPONENT_MSB = {torch.float32: 30, torch.bfloat16: 14, torch.float16: 14}
+INT_OF = {8: torch.int64, 4: torch.int32, 2: torch.int16}
+EXPONENT_MSB = {torch.float64: 62, torch.float32: 30, torch.bfloat16: 14, torch.float16: 14}
 
 
 class FlipOnce:
@@ -73,6 +73,7 @@ def test_config_defaults():
         (dict(accumulation="fp8"), "abft.accumulation='fp8' is not valid"),
         (dict(bound="tight"), "abft.bound='tight' is not valid"),
         (dict(decode_check="batched"), "abft.decode_check='batched' is not valid"),
+        (dict(fused_check="yes"), "abft.fused_check='yes' must be True or False"),
     ],
 )
 def test_config_rejects_bad_values(options, message):
@@ -117,14 +118,25 @@ def test_unit_roundoff_values():
 # ----- fault-free --------------------------------------------------------------------------
 
 
+# The kernel takes float32 and float64, so the half formats run on the operators only. The
+# MoE experts' grouped GEMM has no float64 kernel on CPU.
+FAULT_FREE_CASES = [
+    (arch, dtype, fused_check)
+    for arch in ("llama", "gpt2", "qwen2_moe")
+    for dtype, fused_check in [
+        (torch.float32, True), (torch.float32, False), (torch.float64, True), (torch.bfloat16, False), (torch.float16, False),
+    ]
+    if not (arch == "qwen2_moe" and dtype == torch.float64)
+]
+
+
 @pytest.mark.parametrize("bound", ["worst_case", "probabilistic"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2_moe"])
-def test_fault_free_no_false_alarm(arch, dtype, bound):
+@pytest.mark.parametrize("arch, dtype, fused_check", FAULT_FREE_CASES)
+def test_fault_free_no_false_alarm(arch, dtype, bound, fused_check):
     model = make_tiny_model(arch, dtype=dtype)
     prompt = make_prompt(4, 9)
     golden = model.generate(prompt, **GREEDY)
-    tokens, call = protected_run(model, prompt, ABFT(roles="all_linear", bound=bound))
+    tokens, call = protected_run(model, prompt, ABFT(roles="all_linear", bound=bound, fused_check=fused_check))
     assert call.detections == []
     assert torch.equal(tokens, golden)
 
@@ -132,13 +144,17 @@ def test_fault_free_no_false_alarm(arch, dtype, bound):
 # ----- computation faults -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_exponent_flip_detected_and_corrected(dtype):
+@pytest.mark.parametrize(
+    "dtype, fused_check",
+    [(torch.float32, True), (torch.float32, False), (torch.float64, True), (torch.bfloat16, True), (torch.float16, True)],
+)
+def test_exponent_flip_detected_and_corrected(dtype, fused_check):
     model = make_tiny_model("llama", dtype=dtype)
     prompt = make_prompt(3, 7)
     golden = model.generate(prompt, **GREEDY)
     flip = FlipOnce(row=1, bit=EXPONENT_MSB[dtype])
-    tokens, call = protected_run(model, prompt, ABFT(), model.model.layers[1].mlp.down_proj, flip)
+    abft = ABFT(fused_check=fused_check)
+    tokens, call = protected_run(model, prompt, abft, model.model.layers[1].mlp.down_proj, flip)
     assert flip.fired == 1
     (detection,) = call.detections
     assert detection.check in ("output_checksum", "nonfinite_output")
@@ -268,14 +284,14 @@ class FlipAtStep:
         return output
 
 
+@pytest.mark.parametrize("fused_check", [True, False], ids=["kernel", "operators"])
 @pytest.mark.parametrize("decode_check", ["per_pass", "per_layer"])
-def test_decode_fault_at_later_step_corrected(tiny_llama, decode_check):
+def test_decode_fault_at_later_step_corrected(tiny_llama, decode_check, fused_check):
     prompt = make_prompt(3, 6)
     golden = tiny_llama.generate(prompt, **GREEDY)
     flip = FlipAtStep(step=3, row=1)
-    tokens, call = protected_run(
-        tiny_llama, prompt, ABFT(decode_check=decode_check), tiny_llama.model.layers[1].self_attn.o_proj, flip
-    )
+    abft = ABFT(decode_check=decode_check, fused_check=fused_check)
+    tokens, call = protected_run(tiny_llama, prompt, abft, tiny_llama.model.layers[1].self_attn.o_proj, flip)
     assert flip.fired == 1
     (detection,) = call.detections
     assert (detection.stage, detection.step, detection.row, detection.layer, detection.action) == (
@@ -463,6 +479,7 @@ def _kept_call(layer, rows=2, corrupt=False):
     return x, y
 
 
+@pytest.mark.parametrize("fused_check", [True, False], ids=["kernel", "operators"])
 @pytest.mark.parametrize(
     "calls, failing",
     [
@@ -472,11 +489,11 @@ def _kept_call(layer, rows=2, corrupt=False):
     ],
     ids=["repeated_call", "partial_group_second", "partial_group_first"],
 )
-def test_step_check_uneven_calls(tiny_llama, calls, failing):
+def test_step_check_uneven_calls(tiny_llama, calls, failing, fused_check):
     """The step check covers repeated calls and groups whose layers did not all run."""
     from mitigations.abft import _PendingPass
 
-    guard.protect(tiny_llama, ABFT(roles=["down_proj"]))
+    guard.protect(tiny_llama, ABFT(roles=["down_proj"], fused_check=fused_check))
     try:
         abft = guard.protected_mitigations(tiny_llama)[0]
         layers = list(abft.layers)
@@ -490,6 +507,89 @@ def test_step_check_uneven_calls(tiny_llama, calls, failing):
     assert [(layers.index(layer), rows.tolist()) for layer, rows, _, _ in failures] == [
         (index, [row]) for index, row in failing
     ]
+
+
+@pytest.mark.parametrize("fused_check, stack_type", [(True, "_TermStack"), (False, "_CopyStack")])
+def test_decode_stack_type_follows_fused_check(tiny_llama, fused_check, stack_type):
+    """fp32 decode steps go through the kernel when it is enabled, and through copies otherwise."""
+    guard.protect(tiny_llama, ABFT(fused_check=fused_check))
+    try:
+        tiny_llama.generate(make_prompt(2, 6), **GREEDY)
+        stacks = guard.protected_mitigations(tiny_llama)[0]._stacks
+        types = {type(stack).__name__ for stack in stacks.values()}
+    finally:
+        guard.unprotect(tiny_llama)
+    assert types == {stack_type}
+
+
+def _check_operands(layers, rows, in_features, out_features, dtype, bias):
+    """Return random stacked ``x``, ``y`` and their checksums, with faulty and non-finite rows."""
+    from mitigations.abft import _Checksums
+
+    generator = torch.Generator().manual_seed(layers * 100 + rows)
+    weight = torch.randn(layers, out_features, in_features, generator=generator, dtype=torch.float64)
+    bias_values = torch.randn(layers, out_features, generator=generator, dtype=torch.float64) if bias else None
+    x = torch.randn(layers, rows, in_features, generator=generator, dtype=torch.float64)
+    y = x @ weight.transpose(1, 2)
+    if bias:
+        y += bias_values.unsqueeze(1)
+    x, y = x.to(dtype), y.to(dtype)
+    y[0, 1, 3] *= 1.01  # a small error, above the float32 tolerance
+    y[layers - 1, 2, 0] += 1e3  # a large error
+    y[0, 3, 5] = float("nan")
+    x[layers - 1, 4, 2] = float("inf")
+    u = unit_roundoff(dtype)
+    sums = _Checksums(
+        column=weight.sum(1).to(dtype),
+        abs_column=weight.abs().sum(1).to(dtype),
+        bias=bias_values.sum(1, keepdim=True).to(dtype) if bias else None,
+        bias_tolerance=(bias_values.abs().sum(1, keepdim=True) * 10 * u).to(dtype) if bias else None,
+        magnitude_factor=4 * in_features * u,
+        output_factor=4 * out_features * u,
+    )
+    return x, y, sums
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_check_matches_operators(dtype, bias):
+    """The kernel and the operators flag the same rows and report the same differences."""
+    from mitigations.abft import _compare, _fused_check, _input_terms, _output_terms
+
+    x, y, sums = _check_operands(3, 6, 40, 24, dtype, bias)
+    fused_passed, fused_difference = _fused_check(x, y, sums)
+    terms = (*_input_terms(x.clone(), sums), *_output_terms(y, dtype))
+    passed, difference = _compare(terms, sums)
+    assert fused_passed.tolist() == passed.tolist()
+    assert (~passed).sum() == 4
+    finite = torch.isfinite(difference)
+    assert torch.equal(torch.isfinite(fused_difference), finite)
+    assert torch.allclose(fused_difference[finite], difference[finite].double(), rtol=1e-4, atol=1e-4)
+
+
+def test_kernel_missing_falls_back_to_operators(tiny_llama, monkeypatch):
+    """Without numba the check runs on PyTorch operators and still corrects a fault."""
+    from mitigations import checksum_kernel
+
+    monkeypatch.setattr(checksum_kernel, "_kernels", None)
+    monkeypatch.setattr(checksum_kernel, "_loaded", True)
+    prompt = make_prompt(3, 6)
+    golden = tiny_llama.generate(prompt, **GREEDY)
+    flip = FlipAtStep(step=3, row=1)
+    guard.protect(tiny_llama, ABFT())
+    handle = tiny_llama.model.layers[1].self_attn.o_proj.register_forward_hook(flip, prepend=True)
+    try:
+        tokens = tiny_llama.generate(prompt, **GREEDY)
+        call = guard.get_report(tiny_llama).last_call
+        stacks = guard.protected_mitigations(tiny_llama)[0]._stacks
+        types = {type(stack).__name__ for stack in stacks.values()}
+    finally:
+        handle.remove()
+        guard.unprotect(tiny_llama)
+    assert types == {"_CopyStack"}
+    (detection,) = call.detections
+    assert (detection.step, detection.row, detection.action) == (3, 1, "recomputed")
+    assert torch.equal(tokens, golden)
 
 
 def test_moe_step_checksums_cached_per_group():

@@ -50,6 +50,24 @@ def test_bench_abft_memory_counted(results):
     assert detail["all_linear_abft"]["extra_memory_bytes"] > detail["abft"]["extra_memory_bytes"]
 
 
+def test_held_bytes_counts_arrays_once():
+    """Tensors and NumPy arrays count once each, views with their base, and kernels not at all."""
+    import numpy as np
+    import torch
+
+    class Holder:
+        pass
+
+    model = torch.nn.Linear(4, 4)
+    holder = Holder()
+    holder.array = np.zeros((4, 8))  # 256 bytes
+    holder.views = [holder.array[:, 1], holder.array[2]]
+    holder.tensor = torch.zeros(16)  # 64 bytes
+    holder.weight_view = model.weight[0]  # the model's own storage
+    holder.kernel = len
+    assert bench.held_tensor_bytes([holder], model) == 256 + 64
+
+
 def test_bench_prefix_reuse_same_tokens(results):
     assert results["prefix_detail"]["tokens_equal_without_reuse"] is True
     assert results["prefix_full_length_detail"]["tokens_equal_without_reuse"] is True
