@@ -25,9 +25,10 @@ the tensor's own format for such cases.
 
 Decode steps. A decode step has one position per row, so a per-layer check is a few tiny
 tensor ops whose dispatch costs more than their arithmetic. With ``decode_check="per_pass"``
-each layer only copies its input and output into a stack for its group of equally shaped
-layers during a decode step, and one check per group runs when the step's forward ends. A
-mismatch rolls the KV cache back to where the step began and recomputes the step as a
+each layer only stores its check sums (computed by the fused kernel of
+:mod:`mitigations.checksum_kernel`) or copies its input and output (elsewhere) into a stack
+for its group of equally shaped layers, and one comparison per group runs when the step's
+forward ends. A mismatch rolls the KV cache back to where the step began and recomputes the step as a
 redundant pass. That pass checks its layers one by one, and its fault-free rows come out
 bit-identical. ``"per_layer"`` checks (and corrects) every layer right after it runs. The
 prompt pass is always checked per layer.
