@@ -37,9 +37,18 @@ def _compile() -> SimpleNamespace | None:
     except ImportError as error:
         logger.info("abft uses PyTorch operators for its check because numba is not available (%s)", error)
         return None
+    try:
+        return _build(numba, cache=True)
+    except RuntimeError as error:
+        # numba raises this when neither the package folder nor the user cache folder is writable.
+        logger.info("abft compiles its check kernels without an on-disk cache (%s)", error)
+        return _build(numba, cache=False)
 
+
+def _build(numba, cache: bool) -> SimpleNamespace:
+    """Define the kernels; numba compiles each on its first call for the argument types given."""
     # reassoc and contract only: the sums must keep NaN and Inf semantics, so no nnan/ninf.
-    jit_sums = numba.njit(fastmath={"reassoc", "contract"}, cache=True)
+    jit_sums = numba.njit(fastmath={"reassoc", "contract"}, cache=cache)
 
     @jit_sums
     def call_terms(x, y, column, abs_column, out):
@@ -71,7 +80,7 @@ def _compile() -> SimpleNamespace | None:
             call_terms(x[layer], y[layer], column[layer], abs_column[layer], out[:, layer])
 
     # Without fastmath: the comparison keeps the operators' order of rounding.
-    @numba.njit(cache=True)
+    @numba.njit(cache=cache)
     def compare(terms, bias, bias_tolerance, magnitude_factor, output_factor, difference, passed):
         # terms [4, L, rows]; bias and bias_tolerance [L]; difference and passed [L, rows].
         failed = 0

@@ -592,6 +592,30 @@ def test_kernel_missing_falls_back_to_operators(tiny_llama, monkeypatch):
     assert torch.equal(tokens, golden)
 
 
+def test_kernel_compiles_without_disk_cache(monkeypatch):
+    """Where numba finds no writable cache folder, the kernels compile without one."""
+    from mitigations import checksum_kernel
+
+    build = checksum_kernel._build
+    calls = []
+
+    def build_without_locator(numba, cache):
+        calls.append(cache)
+        if cache:
+            raise RuntimeError("cannot cache function 'call_terms': no locator available")
+        return build(numba, cache)
+
+    monkeypatch.setattr(checksum_kernel, "_build", build_without_locator)
+    monkeypatch.setattr(checksum_kernel, "_loaded", False)
+    monkeypatch.setattr(checksum_kernel, "_kernels", None)
+    kernels = checksum_kernel.kernels()
+    x, y = torch.ones(1, 2, 3), torch.ones(1, 2, 4)
+    terms = checksum_kernel.stack_terms(x, y, torch.ones(1, 3), torch.ones(1, 3))
+    assert calls == [True, False]
+    assert kernels is not None
+    assert terms[:, 0, 0].tolist() == [3.0, 3.0, 4.0, 4.0]
+
+
 def test_moe_step_checksums_cached_per_group():
     """Expert subsets that change from step to step reuse their group's stacked checksums."""
     model = make_tiny_model("qwen2_moe")
