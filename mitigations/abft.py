@@ -584,7 +584,7 @@ class _TermStack:
         """
         same_shapes = x.shape == self.x_shape and y.shape == self.y_shape
         same_dtypes = x.dtype == self.dtype == y.dtype
-        layout = x.device.type == "cpu" == y.device.type and x.is_contiguous() and y.is_contiguous()
+        layout = x.is_cpu and y.is_cpu and x.is_contiguous() and y.is_contiguous()
         return same_shapes and same_dtypes and layout and not (x.requires_grad or y.requires_grad)
 
     def keep(self, slot: int, x: torch.Tensor, y: torch.Tensor) -> None:
