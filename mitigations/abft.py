@@ -28,10 +28,10 @@ tensor ops whose dispatch costs more than their arithmetic. With ``decode_check=
 each layer only stores its check sums (computed by the fused kernel of
 :mod:`mitigations.checksum_kernel`) or copies its input and output (elsewhere) into a stack
 for its group of equally shaped layers, and one comparison per group runs when the step's
-forward ends. A mismatch rolls the KV cache back to where the step began and recomputes the step as a
-redundant pass. That pass checks its layers one by one, and its fault-free rows come out
-bit-identical. ``"per_layer"`` checks (and corrects) every layer right after it runs. The
-prompt pass is always checked per layer.
+forward ends. A mismatch rolls the KV cache back to where the step began and recomputes the
+step as a redundant pass. That pass checks its layers one by one, and its fault-free rows
+come out bit-identical. ``"per_layer"`` checks (and corrects) every layer right after it
+runs. The prompt pass is always checked per layer.
 
 Weights in memory. Exact int64 sums of the weights' bit patterns per row and per column
 locate a corrupted element (its row and column sums differ by the same amount) and restore
@@ -721,9 +721,10 @@ def _compare(terms: tuple[torch.Tensor, ...], sums: _Checksums) -> tuple[torch.T
     """Check ``sum_j y_j = x @ w_c + sum_j b_j`` for every row of ``L`` layers at once.
 
     ``terms`` are ``x @ w_c``, ``|x| @ |W|_c``, ``sum_j y_j`` and ``sum_j |y_j|``, each
-    ``[L, rows]``, from :func:`_input_terms` and :func:`_output_terms`. Returns ``passed [L, rows]`` and the absolute checksum differences ``[L, rows]``. Every
-    term was computed in the check format or wider, and its rounding is bounded and added to
-    the tolerance.
+    ``[L, rows]``, from :func:`_input_terms` and :func:`_output_terms`. Returns
+    ``passed [L, rows]`` and the absolute checksum differences ``[L, rows]``. Every term was
+    computed in the check format or wider, and its rounding is bounded and added to the
+    tolerance.
     """
     dot, magnitude, total, abs_total = terms
     difference = total.sub(dot)  # [L, rows]
