@@ -13,7 +13,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-_PACKAGES = ("softguard", "torch", "transformers", "accelerate", "numpy")
+_PACKAGES = ("softguard", "torch", "transformers", "accelerate", "numpy", "numba")
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 
 

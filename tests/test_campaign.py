@@ -190,6 +190,8 @@ def test_campaign_output_files(tiny_folder, loaded, tmp_path):
     stored = json.loads((tmp_path / "config.json").read_text())
     assert stored["config"]["seed"] == 0
     assert stored["provenance"]["versions"]["torch"]
+    # numba compiles the ABFT check, so its version belongs to a result's provenance.
+    assert stored["provenance"]["versions"]["numba"]
     assert "commit" in stored["provenance"]["git"]
 
 
