@@ -511,7 +511,7 @@ def test_step_check_uneven_calls(tiny_llama, calls, failing, fused_check):
 
 @pytest.mark.parametrize("fused_check, stack_type", [(True, "_TermStack"), (False, "_CopyStack")])
 def test_decode_stack_type_follows_fused_check(tiny_llama, fused_check, stack_type):
-    """fp32 decode steps go through the kernel when it is enabled, and through copies otherwise."""
+    """float32 decode steps go through the kernel when it is enabled, and through copies otherwise."""
     guard.protect(tiny_llama, ABFT(fused_check=fused_check))
     try:
         tiny_llama.generate(make_prompt(2, 6), **GREEDY)
