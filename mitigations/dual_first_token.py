@@ -101,38 +101,77 @@ class DualFirstTokenConfig(MitigationConfig):
 
 
 class _Run:
-    """Result of one prompt pass: last-position logits and per-row KV checksums."""
+    """Result of one prompt pass: last-position logits and per-row KV checksums.
 
-    def __init__(self, logits: torch.Tensor, cache: Any, compare_kv: bool):
+    ``cache`` is the run's KV cache when it was kept, for adopting rows from it, else None.
+    """
+
+    def __init__(self, logits: torch.Tensor, kv_checksum: torch.Tensor | None, cache: Any = None):
         self.logits = logits  # [batch, vocab] at the last prompt position
         self.tokens = logits.argmax(-1)
+        self.kv_checksum = kv_checksum  # [batch, 2 * layers] or None
         self.cache = cache
-        self.kv_checksum = _kv_checksum(cache) if compare_kv else None
+
+
+def _layer_sums(layer: Any) -> list[torch.Tensor]:
+    """Return float64 sums ``[batch]`` of one cache layer's stored keys and values, or [] when it stores none."""
+    keys = getattr(layer, "keys", None)
+    values = getattr(layer, "values", None)
+    if not torch.is_tensor(keys) or keys.dim() < 2:
+        return []
+    # sum(dtype=float64) accumulates in float64 without a float64 copy of the cache.
+    return [keys.flatten(1).sum(1, dtype=torch.float64), values.flatten(1).sum(1, dtype=torch.float64)]
 
 
 def _kv_checksum(cache: Any) -> torch.Tensor | None:
     """Return ``[batch, 2 * layers]`` float64 sums of each row's keys and values."""
-    layers = getattr(cache, "layers", None)
-    if not layers:
-        return None
-    sums = []
-    for layer in layers:
-        keys = getattr(layer, "keys", None)
-        values = getattr(layer, "values", None)
-        if not torch.is_tensor(keys) or keys.dim() < 2:
-            continue
-        # sum(dtype=float64) accumulates in float64 without a float64 copy of the cache.
-        sums.append(keys.flatten(1).sum(1, dtype=torch.float64))
-        sums.append(values.flatten(1).sum(1, dtype=torch.float64))
+    sums = [total for layer in getattr(cache, "layers", None) or [] for total in _layer_sums(layer)]
     return torch.stack(sums, dim=1) if sums else None
 
 
-def _cache_bytes(cache: Any) -> int:
+class _ChecksumCache(DynamicCache):
+    """A KV cache for the redundant pass that keeps each layer's checksums instead of its tensors.
+
+    The comparison needs only the checksums. Once a layer's checksums are taken, its stored
+    tensors are dropped. Their memory is freed when the layer's attention ends, and the next
+    layer reuses it. So the pass needs memory for one layer's keys and values, not a second
+    KV cache.
+    """
+
+    def __init__(self, config: Any, compare_kv: bool):
+        super().__init__(config=config)
+        self.compare_kv = compare_kv
+        self.layer_sums: dict[int, list[torch.Tensor]] = {}
+        self.largest_layer_bytes = 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        layer = self.layers[layer_idx]
+        if self.compare_kv:
+            self.layer_sums[layer_idx] = _layer_sums(layer)
+        self.largest_layer_bytes = max(self.largest_layer_bytes, _cache_bytes([layer]))
+        # Empty, not None: the layer stays valid for code that reads its length.
+        layer.keys = layer.keys.new_empty(0)
+        layer.values = layer.values.new_empty(0)
+        return keys, values
+
+    def checksum(self) -> torch.Tensor | None:
+        """Return the checksums in :func:`_kv_checksum`'s layout."""
+        sums = [total for index in sorted(self.layer_sums) for total in self.layer_sums[index]]
+        return torch.stack(sums, dim=1) if sums else None
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def _cache_bytes(layers: list) -> int:
+    """Return the bytes of the keys and values that ``layers`` (cache layers) store."""
     total = 0
-    for layer in getattr(cache, "layers", []) or []:
+    for layer in layers:
         for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
             if torch.is_tensor(tensor):
-                total += tensor.numel() * tensor.element_size()
+                total += _tensor_bytes(tensor)
     return total
 
 
@@ -186,13 +225,27 @@ class DualFirstToken(Mitigation):
         with context.timed(), torch.no_grad():
             self._check(module, args, kwargs, cache_key, output, info)
 
-    def _rerun(self, module: nn.Module, args: tuple, kwargs: dict, cache_key: str) -> _Run:
-        fresh = DynamicCache(config=module.config)
+    def _rerun(
+        self, module: nn.Module, args: tuple, kwargs: dict, cache_key: str, keep_cache: bool
+    ) -> tuple[_Run, int]:
+        """Rerun the prompt pass with a fresh cache; return the run and the extra bytes it held at most.
+
+        Only a run whose rows may be adopted keeps its KV cache. The other runs keep only their checksums.
+        """
+        compare_kv = self.config.compare_kv
+        fresh = DynamicCache(config=module.config) if keep_cache else _ChecksumCache(module.config, compare_kv)
         rerun_kwargs = dict(kwargs)
         rerun_kwargs[cache_key] = fresh
         with self._context.redundant():
             output = module(*args, **rerun_kwargs)
-        return _Run(output.logits[:, -1, :], fresh, self.config.compare_kv)
+        logits = output.logits[:, -1, :]
+        if keep_cache:
+            run = _Run(logits, _kv_checksum(fresh) if compare_kv else None, fresh)
+            cache_bytes = _cache_bytes(fresh.layers)
+        else:
+            run = _Run(logits, fresh.checksum())
+            cache_bytes = fresh.largest_layer_bytes
+        return run, cache_bytes + _tensor_bytes(logits)
 
     def _agree(self, a: _Run, b: _Run) -> torch.Tensor:
         """Return ``[batch]`` booleans: True where the two runs agree on a row."""
@@ -210,10 +263,10 @@ class DualFirstToken(Mitigation):
     def _check(self, module, args, kwargs, cache_key, output, info) -> None:
         context = self._context
         primary_cache = kwargs[cache_key]
-        primary = _Run(output.logits[:, -1, :], primary_cache, self.config.compare_kv)
-        second = self._rerun(module, args, kwargs, cache_key)
-        extra_bytes = _cache_bytes(second.cache) + second.logits.numel() * second.logits.element_size()
-        context.note_memory(extra_bytes)
+        primary_checksum = _kv_checksum(primary_cache) if self.config.compare_kv else None
+        primary = _Run(output.logits[:, -1, :], primary_checksum, primary_cache)
+        second, second_bytes = self._rerun(module, args, kwargs, cache_key, keep_cache=False)
+        context.note_memory(second_bytes)
         agree = self._agree(primary, second)
         step = info.index
         if bool(agree.all()):
@@ -235,8 +288,10 @@ class DualFirstToken(Mitigation):
                     detail=self._describe(primary, second, row),
                 ))
             return
-        third = self._rerun(module, args, kwargs, cache_key)
-        context.note_memory(2 * extra_bytes)
+        # The third run keeps its cache: where it sides with the second run, its rows replace the
+        # primary run's.
+        third, third_bytes = self._rerun(module, args, kwargs, cache_key, keep_cache=True)
+        context.note_memory(third_bytes + _tensor_bytes(second.logits))
         primary_third = self._agree(primary, third)
         second_third = self._agree(second, third)
         for row in disagreeing:
@@ -244,7 +299,7 @@ class DualFirstToken(Mitigation):
             if bool(primary_third[row]):
                 action, detail = "voted", detail + "; the third run agrees with the primary run, which is kept"
             elif bool(second_third[row]):
-                self._adopt(output, primary_cache, second, row)
+                self._adopt(output, primary_cache, third, row)
                 action, detail = "voted", detail + "; the primary run was outvoted and replaced by the agreeing runs"
             else:
                 action, detail = "none", detail + "; all three runs differ, the primary run is kept"

@@ -97,6 +97,46 @@ def test_fault_free_tokens_and_one_extra_pass(arch):
     assert call.extra_memory_bytes > 0
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_checksum_cache_matches_full_cache(arch):
+    """The redundant pass's checksum-only cache gives a full cache's checksums and stores no tensors.
+
+    A 20-token prompt exceeds the tiny Gemma 3 sliding window (16), so its sliding layers store
+    only their last positions, and the checksums must cover exactly those.
+    """
+    from transformers import DynamicCache
+
+    from mitigations.dual_first_token import _ChecksumCache, _kv_checksum
+
+    model = make_tiny_model(arch)
+    prompt = make_prompt(2, 20)
+    full = DynamicCache(config=model.config)
+    dropped = _ChecksumCache(model.config, compare_kv=True)
+    with torch.no_grad():
+        logits_full = model(prompt, past_key_values=full).logits
+        logits_dropped = model(prompt, past_key_values=dropped).logits
+    assert torch.equal(logits_full, logits_dropped)
+    assert torch.equal(dropped.checksum(), _kv_checksum(full))
+    assert all(layer.keys.numel() == 0 and layer.values.numel() == 0 for layer in dropped.layers)
+    assert 0 < dropped.largest_layer_bytes < sum(
+        layer.keys.nbytes + layer.values.nbytes for layer in full.layers
+    )
+
+
+def test_extra_memory_below_second_cache(tiny_llama):
+    """Without a disagreement, the extra memory is one layer's keys and values plus the logits."""
+    from transformers import DynamicCache
+
+    prompt = make_prompt(3, 9)
+    cache = DynamicCache(config=tiny_llama.config)
+    with torch.no_grad():
+        logits = tiny_llama(prompt, past_key_values=cache).logits[:, -1, :]
+    full_cache = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+    _, call = run_protected(tiny_llama, prompt, DualFirstToken())
+    assert call.detections == []
+    assert logits.nbytes < call.extra_memory_bytes < full_cache + logits.nbytes
+
+
 def test_first_token_fault_outvoted(tiny_llama):
     prompt = make_prompt(3, 7)
     golden = tiny_llama.generate(prompt, **GREEDY)
