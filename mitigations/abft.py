@@ -55,7 +55,7 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from guard.errors import ConfigError, unknown_choice
 from guard.report import Detection
-from guard.stages import ForwardInfo, cache_key_of
+from guard.stages import ForwardInfo, StageTracker, cache_key_of
 from mitigations import checksum_kernel
 from mitigations.base import InstallHandle, Mitigation, MitigationConfig, register
 from mitigations.selection import (
@@ -256,16 +256,18 @@ class _CheckedLayer:
         return (*input_terms, *_output_terms(y3, sums.column.dtype, abs_y))
 
     def hook(self, module: nn.Module, args: tuple, output: Any) -> Any:
-        context = self.mitigation._context
+        mitigation = self.mitigation
+        pending = mitigation._pending
+        if pending is not None and pending.info is pending.tracker.current and args and torch.is_tensor(output):
+            # A decode step: verified with the step's other layers when the step's forward ends.
+            # This path runs once per checked layer and step, so it stays short.
+            self.checks += 1
+            mitigation._keep(pending, self, args[0], output)
+            return None
+        context = mitigation._context
         if context is None or not args or not torch.is_tensor(output):
             return None
         info = context.forward
-        pending = self.mitigation._pending
-        if pending is not None and pending.info is info:
-            # Verified with the step's other layers when the step's forward ends.
-            self.checks += 1
-            self.mitigation._keep(pending, self, args[0], output)
-            return None
         if info is not None:
             stages = self.config.stages
             if info.index > 0 and "decode" not in stages:
@@ -544,9 +546,14 @@ class _CopyStack:
         same_shapes = x.shape == self.x_shape and y.shape == self.y_shape
         return same_shapes and x.dtype == self.dtype and y.dtype == self.y_dtype
 
-    def keep(self, slot: int, x: torch.Tensor, y: torch.Tensor) -> None:
+    def take(self, slot: int, x: torch.Tensor, y: torch.Tensor) -> bool:
+        """Copy one layer call into its slot; False when the slot is taken or the call does not fit."""
+        if self.filled[slot] or not self.fits(x, y):
+            return False
         self.x_slots[slot].copy_(x)
         self.y_slots[slot].copy_(y)
+        self.filled[slot] = True
+        return True
 
     def check(self, slots: torch.Tensor | None, sums: "_Checksums", check_copies) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``passed`` and differences ``[L, rows]`` of the kept calls from ``check_copies(x, y, sums)``."""
@@ -566,35 +573,45 @@ class _TermStack:
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, sums: "_Checksums"):
-        count = sums.column.shape[0]
-        rows = x.numel() // x.shape[-1]
-        self.values = np.empty((4, count, rows))
-        column, abs_column = sums.column.numpy(), sums.abs_column.numpy()
-        # Per slot: its checksum vectors [in] and its columns of the terms [4, rows].
-        self.operands = [(column[k], abs_column[k], self.values[:, k]) for k in range(count)]
-        self.call_terms = checksum_kernel.kernels().call_terms
+        count, n_in = sums.column.shape
+        rows = x.numel() // n_in
+        self.values = np.empty((count, 4, rows))  # [L, 4, rows]
+        # The kernel reads the checksums and writes the terms through their addresses, so this
+        # stack keeps both alive.
+        self.column, self.abs_column = sums.column.contiguous(), sums.abs_column.contiguous()
+        step = n_in * self.column.element_size()
+        column, abs_column = self.column.data_ptr(), self.abs_column.data_ptr()
+        # Per slot, the kernel's arguments after the addresses of x and y.
+        self.arguments = [
+            (rows, n_in, y.shape[-1], column + k * step, abs_column + k * step, self.values[k].ctypes.data)
+            for k in range(count)
+        ]
+        self.kernel = checksum_kernel.kernels().call_terms_at[x.dtype]
         self.filled = [False] * count
         self.x_shape, self.y_shape = x.shape, y.shape
         self.dtype = self.y_dtype = x.dtype
 
     def fits(self, x: torch.Tensor, y: torch.Tensor) -> bool:
-        """Return whether the kernel can take one layer call's ``x`` and ``y`` into a slot.
+        """Return whether the kernel can read one layer call's ``x`` and ``y`` as a slot's operands.
 
-        They must match the group's shapes and dtype and be contiguous CPU tensors that do not
-        require grad, which NumPy views need.
+        They must match the group's shapes and dtype and be contiguous CPU tensors: the kernel
+        reads them through their addresses.
         """
         same_shapes = x.shape == self.x_shape and y.shape == self.y_shape
         same_dtypes = x.dtype == self.dtype == y.dtype
-        layout = x.is_cpu and y.is_cpu and x.is_contiguous() and y.is_contiguous()
-        return same_shapes and same_dtypes and layout and not (x.requires_grad or y.requires_grad)
+        return same_shapes and same_dtypes and x.is_cpu and y.is_cpu and x.is_contiguous() and y.is_contiguous()
 
-    def keep(self, slot: int, x: torch.Tensor, y: torch.Tensor) -> None:
-        column, abs_column, out = self.operands[slot]
-        self.call_terms(x.numpy(), y.numpy(), column, abs_column, out)
+    def take(self, slot: int, x: torch.Tensor, y: torch.Tensor) -> bool:
+        """Compute one layer call's terms into its slot; False when the slot is taken or the call does not fit."""
+        if self.filled[slot] or not self.fits(x, y):
+            return False
+        self.kernel(x.data_ptr(), y.data_ptr(), *self.arguments[slot])
+        self.filled[slot] = True
+        return True
 
     def check(self, slots: torch.Tensor | None, sums: "_Checksums", check_copies) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``passed`` and differences ``[L, rows]`` of the kept calls."""
-        values = self.values if slots is None else self.values[:, slots.numpy()]
+        values = self.values if slots is None else self.values[slots.numpy()]
         return _fused_compare(values, sums)
 
 
@@ -603,6 +620,8 @@ class _PendingPass:
     """Checked layers' inputs and outputs of one decode step, verified when the step ends."""
 
     info: ForwardInfo
+    # The stage tracker, whose current pass is this step's own forward unless a pass is nested in it.
+    tracker: StageTracker
     cache_layers: list = field(default_factory=list)
     # Attributes of each cache layer when the step began; empty when no rollback is needed.
     cache_state: list[dict] = field(default_factory=list)
@@ -718,7 +737,7 @@ def _fused_check(x: torch.Tensor, y: torch.Tensor, sums: _Checksums) -> tuple[to
 
 
 def _fused_compare(terms: np.ndarray, sums: _Checksums) -> tuple[torch.Tensor, torch.Tensor]:
-    """Compare kernel terms ``[4, L, rows]`` against the tolerance, as :func:`_compare` does."""
+    """Compare kernel terms ``[L, 4, rows]`` against the tolerance, as :func:`_compare` does."""
     bias, bias_tolerance = sums.bias_arrays()
     return checksum_kernel.compare(terms, bias, bias_tolerance, sums.magnitude_factor, sums.output_factor)
 
@@ -881,12 +900,13 @@ class ABFT(Mitigation):
         if info.index == 0:
             return
         if self.config.correction == "none":
-            self._pending = _PendingPass(info)
+            self._pending = _PendingPass(info, context.tracker)
             return
         key = cache_key_of(kwargs)
         cache_layers = getattr(kwargs[key], "layers", None) if key is not None else None
         if cache_layers and all(type(layer) in _REWINDABLE_LAYERS for layer in cache_layers):
-            self._pending = _PendingPass(info, list(cache_layers), [dict(vars(layer)) for layer in cache_layers])
+            state = [dict(vars(layer)) for layer in cache_layers]
+            self._pending = _PendingPass(info, context.tracker, list(cache_layers), state)
         # Otherwise the step cannot be rolled back, so its layers are checked one by one.
 
     def _end_pass(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
@@ -920,19 +940,19 @@ class ABFT(Mitigation):
         The stack reads x and y while they are still in cache. Stacking them when the step
         ends reads them back from memory, which measured about twice the time.
         """
-        group = layer.group
-        stack = pending.stacks.get(group)
+        stack = pending.stacks.get(layer.group)
         if stack is None:
-            stack = self._stacks.get(group)
-            if stack is None or not stack.fits(x, y):
-                stack = self._stacks[group] = self._new_stack(group, x, y)
-            stack.filled = [False] * len(stack.filled)
-            pending.stacks[group] = stack
-        if stack.filled[layer.slot] or not stack.fits(x, y):
+            stack = pending.stacks[layer.group] = self._step_stack(layer.group, x, y)
+        if not stack.take(layer.slot, x, y):
             pending.extra.append((layer, x, y))
-            return
-        stack.keep(layer.slot, x, y)
-        stack.filled[layer.slot] = True
+
+    def _step_stack(self, group: tuple[int, int], x: torch.Tensor, y: torch.Tensor) -> _CopyStack | _TermStack:
+        """Return the group's stack, emptied for a new step, or a new one if the kept one does not fit."""
+        stack = self._stacks.get(group)
+        if stack is None or not stack.fits(x, y):
+            stack = self._stacks[group] = self._new_stack(group, x, y)
+        stack.filled = [False] * len(stack.filled)
+        return stack
 
     def _new_stack(self, group: tuple[int, int], x: torch.Tensor, y: torch.Tensor) -> _CopyStack | _TermStack:
         members = self._groups[group]

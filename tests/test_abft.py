@@ -497,7 +497,7 @@ def test_step_check_uneven_calls(tiny_llama, calls, failing, fused_check):
     try:
         abft = guard.protected_mitigations(tiny_llama)[0]
         layers = list(abft.layers)
-        pending = _PendingPass(info=None)
+        pending = _PendingPass(info=None, tracker=None)
         with torch.no_grad():
             for index, corrupt in calls:
                 abft._keep(pending, abft.layers[index], *_kept_call(abft.layers[index], corrupt=corrupt))
@@ -613,7 +613,7 @@ def test_kernel_compiles_without_disk_cache(monkeypatch):
     terms = checksum_kernel.stack_terms(x, y, torch.ones(1, 3), torch.ones(1, 3))
     assert calls == [True, False]
     assert kernels is not None
-    assert terms[:, 0, 0].tolist() == [3.0, 3.0, 4.0, 4.0]
+    assert terms[0, :, 0].tolist() == [3.0, 3.0, 4.0, 4.0]
 
 
 def test_moe_step_checksums_cached_per_group():
