@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -590,6 +591,55 @@ def test_kernel_missing_falls_back_to_operators(tiny_llama, monkeypatch):
     (detection,) = call.detections
     assert (detection.step, detection.row, detection.action) == (3, 1, "recomputed")
     assert torch.equal(tokens, golden)
+
+
+def _parallel_or_skip():
+    from mitigations import checksum_kernel
+
+    if checksum_kernel.kernels() is None or not checksum_kernel._threads_allowed():
+        pytest.skip("numba has no thread-safe threading layer on this machine, so the checks stay serial")
+    return checksum_kernel
+
+
+def test_parallel_prompt_terms_equal_serial():
+    """Splitting a prompt pass's rows across threads gives the serial kernel's sums bit for bit."""
+    checksum_kernel = _parallel_or_skip()
+    rows = checksum_kernel.PARALLEL_MIN_ROWS + 37
+    x, y, sums = _check_operands(1, rows, 40, 24, torch.float32, bias=False)
+    parallel = checksum_kernel.stack_terms(x, y, sums.column, sums.abs_column)
+    serial = np.empty_like(parallel)
+    checksum_kernel.kernels().stack_terms(x.numpy(), y.numpy(), sums.column.numpy(), sums.abs_column.numpy(), serial)
+    assert checksum_kernel._threads.confirmed
+    assert np.array_equal(parallel, serial, equal_nan=True)
+
+
+def test_parallel_prompt_fault_corrected(tiny_llama, monkeypatch):
+    """A prompt pass with enough rows for the parallel kernel still has its fault found and corrected."""
+    checksum_kernel = _parallel_or_skip()
+    launches = []
+    original = checksum_kernel._confirm_layer
+    monkeypatch.setattr(checksum_kernel, "_confirm_layer", lambda: launches.append(1) or original())
+    prompt = make_prompt(8, 10)  # 80 rows per layer
+    golden = tiny_llama.generate(prompt, **GREEDY)
+    flip = FlipOnce(row=5, position=4, bit=30)
+    tokens, call = protected_run(tiny_llama, prompt, ABFT(), tiny_llama.model.layers[1].mlp.down_proj, flip)
+    assert launches  # the prompt pass went through the parallel kernel
+    (detection,) = call.detections
+    assert (detection.stage, detection.row, detection.action) == ("prefill", 5, "recomputed")
+    assert torch.equal(tokens, golden)
+
+
+def test_threads_refused_after_fork_or_workqueue(monkeypatch):
+    """Parallel kernels run only in the deciding process and only on a thread-safe numba layer."""
+    import numba
+
+    from mitigations import checksum_kernel
+
+    monkeypatch.setattr(checksum_kernel, "_threads", checksum_kernel._ThreadPolicy(pid=-1, allowed=True))
+    assert checksum_kernel._threads_allowed() is False
+    monkeypatch.setattr(checksum_kernel, "_threads", None)
+    monkeypatch.setattr(numba.config, "THREADING_LAYER", "workqueue")
+    assert checksum_kernel._threads_allowed() is False
 
 
 def test_kernel_compiles_without_disk_cache(monkeypatch):
