@@ -234,11 +234,12 @@ class _CheckedLayer:
         x3 = x.reshape(1, -1, x.shape[-1]).to(check_dtype)  # [1, rows, in]
         y3 = y.reshape(1, -1, y.shape[-1])  # [1, rows, out]
         if _kernel_applies(self.config, x3, y3, sums):
-            passed, difference = _fused_check(x3, y3, sums)
+            result = _fused_check(x3, y3, sums)
         else:
-            passed, difference = _compare(self._operator_terms(x, x3, y3, sums), sums)
-        if bool(passed.all()):
+            result = _compare(self._operator_terms(x, x3, y3, sums), sums)
+        if result is None or bool(result[0].all()):
             return _NO_ROWS, _NO_DIFFERENCES
+        passed, difference = result
         bad = ~passed[0]
         return torch.nonzero(bad, as_tuple=False).flatten(), difference[0][bad]
 
@@ -555,8 +556,8 @@ class _CopyStack:
         self.filled[slot] = True
         return True
 
-    def check(self, slots: torch.Tensor | None, sums: "_Checksums", check_copies) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``passed`` and differences ``[L, rows]`` of the kept calls from ``check_copies(x, y, sums)``."""
+    def check(self, slots: torch.Tensor | None, sums: "_Checksums", check_copies) -> "_CheckResult":
+        """Check the kept calls with ``check_copies(x, y, sums)``; see :data:`_CheckResult`."""
         x, y = self.x, self.y
         if slots is not None:
             slots = slots.to(x.device)
@@ -609,8 +610,8 @@ class _TermStack:
         self.filled[slot] = True
         return True
 
-    def check(self, slots: torch.Tensor | None, sums: "_Checksums", check_copies) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``passed`` and differences ``[L, rows]`` of the kept calls."""
+    def check(self, slots: torch.Tensor | None, sums: "_Checksums", check_copies) -> "_CheckResult":
+        """Compare the kept calls' terms with the tolerance; see :data:`_CheckResult`."""
         values = self.values if slots is None else self.values[slots.numpy()]
         return _fused_compare(values, sums)
 
@@ -697,6 +698,11 @@ class _Checksums:
         )
 
 
+# ``passed [L, rows]`` and the absolute checksum differences ``[L, rows]``, or None when the
+# kernels found every row within the tolerance (then no tensors are made).
+_CheckResult = tuple[torch.Tensor, torch.Tensor] | None
+
+
 def _input_terms(
     x: torch.Tensor, sums: _Checksums, abs_x: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -727,7 +733,7 @@ def _kernel_applies(config: ABFTConfig, x: torch.Tensor, y: torch.Tensor, sums: 
     return config.fused_check and checksum_kernel.supports(x, y, sums.column)
 
 
-def _fused_check(x: torch.Tensor, y: torch.Tensor, sums: _Checksums) -> tuple[torch.Tensor, torch.Tensor]:
+def _fused_check(x: torch.Tensor, y: torch.Tensor, sums: _Checksums) -> _CheckResult:
     """Check ``x [L, rows, in]`` against ``y [L, rows, out]`` with the fused kernels; see :func:`_compare`.
 
     Call :func:`_kernel_applies` first.
@@ -736,8 +742,8 @@ def _fused_check(x: torch.Tensor, y: torch.Tensor, sums: _Checksums) -> tuple[to
     return _fused_compare(terms, sums)
 
 
-def _fused_compare(terms: np.ndarray, sums: _Checksums) -> tuple[torch.Tensor, torch.Tensor]:
-    """Compare kernel terms ``[L, 4, rows]`` against the tolerance, as :func:`_compare` does."""
+def _fused_compare(terms: np.ndarray, sums: _Checksums) -> _CheckResult:
+    """Compare kernel terms ``[L, 4, rows]`` with the tolerance as :func:`_compare` does; see :data:`_CheckResult`."""
     bias, bias_tolerance = sums.bias_arrays()
     return checksum_kernel.compare(terms, bias, bias_tolerance, sums.magnitude_factor, sums.output_factor)
 
@@ -768,11 +774,12 @@ def _compare(terms: tuple[torch.Tensor, ...], sums: _Checksums) -> tuple[torch.T
 
 
 def _failures(
-    layers: list, passed: torch.Tensor, difference: torch.Tensor, x_shape: torch.Size
+    layers: list, result: _CheckResult, x_shape: torch.Size
 ) -> list[tuple[Any, torch.Tensor, torch.Tensor, torch.Size]]:
-    """Return ``(layer, rows, differences, x_shape)`` for each layer with a failing row in ``passed [L, rows]``."""
-    if bool(passed.all()):
+    """Return ``(layer, rows, differences, x_shape)`` for each layer with a failing row in ``result``."""
+    if result is None or bool(result[0].all()):
         return []
+    passed, difference = result
     failures = []
     for index in torch.nonzero(~passed.all(-1)).flatten().tolist():
         bad = ~passed[index]
@@ -983,8 +990,7 @@ class ABFT(Mitigation):
                 # Some layers did not run in this step (MoE experts): check the ones that did.
                 slots = torch.tensor([layer.slot for layer in layers], device=sums.column.device)
                 sums = sums.select(slots)
-            passed, difference = stack.check(slots, sums, self._check_copies)
-            failures += _failures(layers, passed, difference, x_shape)
+            failures += _failures(layers, stack.check(slots, sums, self._check_copies), x_shape)
         for layer, x, y in pending.extra:
             failures += self._check_stacked([layer], x.unsqueeze(0).clone(), y.unsqueeze(0).clone())
         return failures
@@ -998,10 +1004,10 @@ class ABFT(Mitigation):
         """
         count, x_shape = x.shape[0], x.shape[1:]
         sums = self._stacked_checksums(layers, _check_dtype(x.dtype), y.dtype)
-        passed, difference = self._check_copies(x.view(count, -1, x.shape[-1]), y.view(count, -1, y.shape[-1]), sums)
-        return _failures(layers, passed, difference, x_shape)
+        result = self._check_copies(x.view(count, -1, x.shape[-1]), y.view(count, -1, y.shape[-1]), sums)
+        return _failures(layers, result, x_shape)
 
-    def _check_copies(self, x: torch.Tensor, y: torch.Tensor, sums: _Checksums) -> tuple[torch.Tensor, torch.Tensor]:
+    def _check_copies(self, x: torch.Tensor, y: torch.Tensor, sums: _Checksums) -> _CheckResult:
         """Check copies ``x [L, rows, in]`` and ``y [L, rows, out]``, which it may overwrite; see :func:`_compare`."""
         if _kernel_applies(self.config, x, y, sums):
             return _fused_check(x, y, sums)

@@ -523,8 +523,8 @@ def test_decode_stack_type_follows_fused_check(tiny_llama, fused_check, stack_ty
     assert types == {stack_type}
 
 
-def _check_operands(layers, rows, in_features, out_features, dtype, bias):
-    """Return random stacked ``x``, ``y`` and their checksums, with faulty and non-finite rows."""
+def _check_operands(layers, rows, in_features, out_features, dtype, bias, faults=True):
+    """Return random stacked ``x``, ``y`` and their checksums; ``faults`` adds faulty and non-finite rows."""
     from mitigations.abft import _Checksums
 
     generator = torch.Generator().manual_seed(layers * 100 + rows)
@@ -535,10 +535,11 @@ def _check_operands(layers, rows, in_features, out_features, dtype, bias):
     if bias:
         y += bias_values.unsqueeze(1)
     x, y = x.to(dtype), y.to(dtype)
-    y[0, 1, 3] *= 1.01  # a small error, above the float32 tolerance
-    y[layers - 1, 2, 0] += 1e3  # a large error
-    y[0, 3, 5] = float("nan")
-    x[layers - 1, 4, 2] = float("inf")
+    if faults:
+        y[0, 1, 3] *= 1.01  # a small error, above the float32 tolerance
+        y[layers - 1, 2, 0] += 1e3  # a large error
+        y[0, 3, 5] = float("nan")
+        x[layers - 1, 4, 2] = float("inf")
     u = unit_roundoff(dtype)
     sums = _Checksums(
         column=weight.sum(1).to(dtype),
@@ -566,6 +567,17 @@ def test_fused_check_matches_operators(dtype, bias):
     finite = torch.isfinite(difference)
     assert torch.equal(torch.isfinite(fused_difference), finite)
     assert torch.allclose(fused_difference[finite], difference[finite].double(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_check_passing_makes_no_tensors(dtype):
+    """When every row passes, the kernel check returns None, and the operators pass every row too."""
+    from mitigations.abft import _compare, _fused_check, _input_terms, _output_terms
+
+    x, y, sums = _check_operands(3, 6, 40, 24, dtype, bias=True, faults=False)
+    passed, _ = _compare((*_input_terms(x.clone(), sums), *_output_terms(y, dtype)), sums)
+    assert bool(passed.all())
+    assert _fused_check(x, y, sums) is None
 
 
 def test_kernel_missing_falls_back_to_operators(tiny_llama, monkeypatch):
