@@ -860,6 +860,11 @@ class ABFT(Mitigation):
         self._stacked: dict[tuple, _Checksums] = {}
         self._scratch = _Scratch()
         self._abs_source: tuple[torch.Tensor, int] | None = None
+        # Check operands for activations in the weights' format, made now rather than on the
+        # first protected call: over 60 layers of SmolLM2-135M that call spent about 3 ms more.
+        for members in self._groups.values():
+            dtype = members[0].weight_dtype
+            self._stacked_checksums(members, _check_dtype(dtype), dtype)
         for layer in self.layers:
             # No prepend: the check must see the output after any fault-injecting hook.
             handle.add_hook(layer.site.module.register_forward_hook(layer.hook))

@@ -580,6 +580,20 @@ def test_fused_check_passing_makes_no_tensors(dtype):
     assert _fused_check(x, y, sums) is None
 
 
+def test_install_prepares_checksums(tiny_llama):
+    """protect() builds the check operands for the weights' format, so the first call does not."""
+    guard.protect(tiny_llama, ABFT(roles="all_linear"))
+    try:
+        abft = guard.protected_mitigations(tiny_llama)[0]
+        layer_keys = {key for layer in abft.layers for key in layer._checksums}
+        stacked_groups = {key[0] for key in abft._stacked}
+        groups = {tuple(id(layer) for layer in members) for members in abft._groups.values()}
+    finally:
+        guard.unprotect(tiny_llama)
+    assert layer_keys == {(torch.float32, torch.float32)}
+    assert stacked_groups == groups
+
+
 def test_kernel_missing_falls_back_to_operators(tiny_llama, monkeypatch):
     """Without numba the check runs on PyTorch operators and still corrects a fault."""
     from mitigations import checksum_kernel
