@@ -7,12 +7,17 @@ installs each mitigation. ``unprotect`` undoes all of it: afterwards ``model.gen
 class's method again and no hook or attribute added by the guard remains. The guard's
 bookkeeping lives in module-level weak dictionaries keyed by the model, so nothing is stored
 on the model itself except the ``generate`` wrapper.
+
+A protected model runs one guarded call at a time. The report, the stage tracker and the
+mitigations' per-step state (such as the KV-cache position an ABFT rollback returns to)
+belong to the model, so calls from several threads take a per-model lock in turn.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import threading
 import time
 import weakref
 from typing import TYPE_CHECKING, Any, Callable, Iterable
@@ -52,6 +57,12 @@ class _GuardState:
         self.mitigations = mitigations
         self.handles: list[Any] = []
         self.previous_generate: Any = _MISSING
+        # Held for each guarded generate and forward. Re-entrant, so a generate or forward
+        # nested in a guarded call (a redundant pass, a streamer callback) runs on.
+        self.lock = threading.RLock()
+        # Per thread: how many forward calls took the lock in _before_forward, so that
+        # _after_forward releases only what was taken, even after an earlier pre-hook raised.
+        self.forward_locks = threading.local()
         # Nesting depth and start time of a plain forward call being reported.
         self.forward_depth = 0
         self.forward_start = 0.0
@@ -272,6 +283,11 @@ def _wrap_generate(state: _GuardState, original: Callable[..., Any]) -> Callable
 
 
 def _run_generate(state: _GuardState, original: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    with state.lock:
+        return _run_generate_locked(state, original, args, kwargs)
+
+
+def _run_generate_locked(state: _GuardState, original: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
     context = state.context
     if context.call is not None:
         # A generate nested in a guarded call (for example from a streamer callback) runs
@@ -310,6 +326,9 @@ def _around(mitigation: "Mitigation", context: GuardContext, call_next, *args: A
 
 
 def _before_forward(state: _GuardState, module: nn.Module, args: tuple) -> None:
+    # Released in _after_forward, which runs even when the forward raises (always_call=True).
+    state.lock.acquire()
+    state.forward_locks.count = getattr(state.forward_locks, "count", 0) + 1
     context = state.context
     if context.call is None:
         call = context.report.open_call("forward", tuple(m.name for m in state.mitigations))
@@ -321,6 +340,16 @@ def _before_forward(state: _GuardState, module: nn.Module, args: tuple) -> None:
 
 
 def _after_forward(state: _GuardState, module: nn.Module, args: tuple, output: Any) -> None:
+    if not getattr(state.forward_locks, "count", 0):
+        return
+    try:
+        _close_forward(state)
+    finally:
+        state.forward_locks.count -= 1
+        state.lock.release()
+
+
+def _close_forward(state: _GuardState) -> None:
     context = state.context
     if context.call_kind != "forward" or context.call is None:
         return

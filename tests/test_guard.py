@@ -522,3 +522,48 @@ def test_tracker_finished_is_closed_pass(tiny_llama):
         tracker.detach()
     assert [current for current, _ in seen] == [None, None]
     assert [finished.index for _, finished in seen] == [0, 1]
+
+
+def test_concurrent_generates_served_in_turn(tiny_llama):
+    """Two threads generating on one protected model each get their own call in the report."""
+    import threading
+    import time
+
+    prompt = make_prompt(2, 5)
+    golden = tiny_llama.generate(prompt, **GREEDY)
+    second_calling = threading.Event()
+    paused = threading.Event()
+
+    def pause_first_pass(module, args):
+        # Holds the first thread's prompt pass until the second thread has called generate.
+        if not paused.is_set():
+            paused.set()
+            second_calling.wait(10)
+            time.sleep(0.2)
+
+    tokens = {}
+
+    def run(name, announce=None):
+        if announce is not None:
+            announce.set()
+        tokens[name] = tiny_llama.generate(prompt, **GREEDY)
+
+    guard.protect(tiny_llama, ["abft", "dual_first_token"])
+    handle = tiny_llama.model.layers[0].register_forward_pre_hook(pause_first_pass)
+    try:
+        first = threading.Thread(target=run, args=("first",))
+        first.start()
+        assert paused.wait(10)
+        second = threading.Thread(target=run, args=("second", second_calling))
+        second.start()
+        first.join(60)
+        second.join(60)
+        calls = list(guard.get_report(tiny_llama).calls)
+    finally:
+        handle.remove()
+        guard.unprotect(tiny_llama)
+    assert [call.kind for call in calls] == ["generate", "generate"]
+    assert [call.forward_passes for call in calls] == [6, 6]
+    assert [call.extra_forward_passes for call in calls] == [1, 1]
+    assert torch.equal(tokens["first"], golden)
+    assert torch.equal(tokens["second"], golden)
