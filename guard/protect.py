@@ -58,7 +58,7 @@ class _GuardState:
         self.handles: list[Any] = []
         self.previous_generate: Any = _MISSING
         # Held for each guarded generate and forward. Re-entrant, so a generate or forward
-        # nested in a guarded call (a redundant pass, a streamer callback) runs on.
+        # nested in a guarded call (a redundant pass, a streamer callback) does not wait for itself.
         self.lock = threading.RLock()
         # Per thread: how many forward calls took the lock in _before_forward, so that
         # _after_forward releases only what was taken, even after an earlier pre-hook raised.

@@ -228,7 +228,7 @@ class DualFirstToken(Mitigation):
     def _rerun(
         self, module: nn.Module, args: tuple, kwargs: dict, cache_key: str, keep_cache: bool
     ) -> tuple[_Run, int]:
-        """Rerun the prompt pass with a fresh cache; return the run and the extra bytes it held at most.
+        """Rerun the prompt pass with a fresh cache. Return the run and its peak extra bytes.
 
         Only a run whose rows may be adopted keeps its KV cache. The other runs keep only their checksums.
         """

@@ -655,7 +655,7 @@ def test_parallel_prompt_fault_corrected(tiny_llama, monkeypatch):
     assert torch.equal(tokens, golden)
 
 
-def test_threads_refused_after_fork_or_workqueue(monkeypatch):
+def test_threads_rejected_after_fork_or_workqueue(monkeypatch):
     """Parallel kernels run only in the deciding process and only on a thread-safe numba layer."""
     import numba
 
