@@ -580,6 +580,22 @@ def test_fused_check_passing_makes_no_tensors(dtype):
     assert _fused_check(x, y, sums) is None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kernel_sums_in_operand_format(dtype):
+    """The kernel accumulates in the operands' format: float64 keeps a term that float32 rounds away."""
+    from mitigations import checksum_kernel
+
+    if checksum_kernel.kernels() is None:
+        pytest.skip("numba is not installed, so there is no kernel to test")
+    x = torch.tensor([[[1.0, 1e-10]]], dtype=dtype)  # [1 layer, 1 row, 2 in]
+    y = torch.tensor([[[1.0, 1e-10]]], dtype=dtype)
+    column = torch.ones(1, 2, dtype=dtype)
+    terms = checksum_kernel.stack_terms(x, y, column, column)  # [1, 4, 1]
+    expected = float(torch.tensor(1.0, dtype=dtype) + torch.tensor(1e-10, dtype=dtype))
+    assert terms[0, :, 0].tolist() == [expected] * 4
+    assert (expected == 1.0) == (dtype == torch.float32)
+
+
 def test_install_prepares_checksums(tiny_llama):
     """protect() builds the check operands for the weights' format, so the first call does not."""
     guard.protect(tiny_llama, ABFT(roles="all_linear"))
