@@ -192,6 +192,10 @@ class StageTracker:
         """
         return self._finished
 
+    def encloses(self, info: ForwardInfo) -> bool:
+        """Tell whether the current pass runs inside the pass ``info`` (a recomputation within it)."""
+        return any(outer is info for outer in self._stack)
+
     def start_sequence(self, first_index: int = 0) -> None:
         """Make the next forward count as pass ``first_index`` of a sequence.
 

@@ -55,7 +55,7 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from guard.errors import ConfigError, unknown_choice
 from guard.report import Detection
-from guard.stages import ForwardInfo, StageTracker, cache_key_of
+from guard.stages import ForwardInfo, cache_key_of
 from mitigations import checksum_kernel
 from mitigations.base import InstallHandle, Mitigation, MitigationConfig, register
 from mitigations.selection import (
@@ -178,6 +178,9 @@ class _CheckedLayer:
         self.row_bits, self.column_bits = _bit_sums(weight)
         self.bias_copy = bias.detach().clone() if bias is not None else None
         self.checks = 0
+        # The group's kernel stack and this layer's block in it, while the decode steps use one.
+        self.term_stack: _TermStack | None = None
+        self.block_address = 0
         self._factors: dict[torch.dtype, tuple[float, float]] = {}
         self._checksums: dict[tuple[torch.dtype, torch.dtype], _Checksums] = {}
 
@@ -258,12 +261,15 @@ class _CheckedLayer:
 
     def hook(self, module: nn.Module, args: tuple, output: Any) -> Any:
         mitigation = self.mitigation
-        pending = mitigation._pending
-        if pending is not None and pending.info is pending.tracker.current and args and torch.is_tensor(output):
+        pending = mitigation._collecting
+        if pending is not None and args and isinstance(output, torch.Tensor):
             # A decode step: verified with the step's other layers when the step's forward ends.
-            # This path runs once per checked layer and step, so it stays short.
-            self.checks += 1
-            mitigation._keep(pending, self, args[0], output)
+            # This runs between weights that evict Python's objects from cache, and each object
+            # touched costs a memory read, so the common case reads the layer's own kernel block.
+            x = args[0]
+            stack = self.term_stack
+            if stack is None or not (stack.fits(x, output) and stack.kernel(x.data_ptr(), output.data_ptr(), self.block_address)):
+                mitigation._keep(pending, self, x, output)
             return None
         context = mitigation._context
         if context is None or not args or not torch.is_tensor(output):
@@ -556,6 +562,10 @@ class _CopyStack:
         self.filled[slot] = True
         return True
 
+    def reset(self) -> None:
+        """Empty every slot for a new step."""
+        self.filled = [False] * len(self.filled)
+
     def check(self, slots: torch.Tensor | None, sums: "_Checksums", check_copies) -> "_CheckResult":
         """Check the kept calls with ``check_copies(x, y, sums)``; see :data:`_CheckResult`."""
         x, y = self.x, self.y
@@ -582,33 +592,51 @@ class _TermStack:
         self.column, self.abs_column = sums.column.contiguous(), sums.abs_column.contiguous()
         step = n_in * self.column.element_size()
         column, abs_column = self.column.data_ptr(), self.abs_column.data_ptr()
-        # Per slot, the kernel's arguments after the addresses of x and y.
-        self.arguments = [
-            (rows, n_in, y.shape[-1], column + k * step, abs_column + k * step, self.values[k].ctypes.data)
-            for k in range(count)
-        ]
+        # Per slot, the kernel's block: sizes, operand addresses and the fill flag (last).
+        self.blocks = np.array(
+            [
+                (rows, n_in, y.shape[-1], column + k * step, abs_column + k * step, self.values[k].ctypes.data, 0)
+                for k in range(count)
+            ],
+            dtype=np.int64,
+        ).reshape(count, checksum_kernel.CALL_FIELDS)
+        self.block_addresses = [self.blocks[k].ctypes.data for k in range(count)]
         self.kernel = checksum_kernel.kernels().call_terms_at[x.dtype]
-        self.filled = [False] * count
         self.x_shape, self.y_shape = x.shape, y.shape
+        self.x_numel, self.y_numel = x.numel(), y.numel()
         self.dtype = self.y_dtype = x.dtype
+
+    @property
+    def filled(self) -> list[bool]:
+        """Fill state per slot: True where the slot contains a call of this step."""
+        return self.blocks[:, -1].astype(bool).tolist()
+
+    def reset(self) -> None:
+        """Empty every slot for a new step."""
+        self.blocks[:, -1] = 0
 
     def fits(self, x: torch.Tensor, y: torch.Tensor) -> bool:
         """Return whether the kernel can read one layer call's ``x`` and ``y`` as a slot's operands.
 
-        They must match the group's shapes and dtype and be contiguous CPU tensors: the kernel
-        reads them through their addresses.
+        The kernel reads ``rows * in`` and ``rows * out`` elements through their addresses, so
+        they must be contiguous CPU tensors of the group's dtype and sizes. The last dimension
+        is ``in`` (``out``) for any call that reached a checked layer's forward hook.
         """
-        same_shapes = x.shape == self.x_shape and y.shape == self.y_shape
-        same_dtypes = x.dtype == self.dtype == y.dtype
-        return same_shapes and same_dtypes and x.is_cpu and y.is_cpu and x.is_contiguous() and y.is_contiguous()
+        dtype = self.dtype
+        return (
+            x.dtype is dtype
+            and y.dtype is dtype
+            and x.numel() == self.x_numel
+            and y.numel() == self.y_numel
+            and x.is_contiguous()
+            and y.is_contiguous()
+            and x.is_cpu
+            and y.is_cpu
+        )
 
     def take(self, slot: int, x: torch.Tensor, y: torch.Tensor) -> bool:
         """Compute one layer call's terms into its slot; False when the slot is taken or the call does not fit."""
-        if self.filled[slot] or not self.fits(x, y):
-            return False
-        self.kernel(x.data_ptr(), y.data_ptr(), *self.arguments[slot])
-        self.filled[slot] = True
-        return True
+        return self.fits(x, y) and self.kernel(x.data_ptr(), y.data_ptr(), self.block_addresses[slot])
 
     def check(self, slots: torch.Tensor | None, sums: "_Checksums", check_copies) -> "_CheckResult":
         """Compare the kept calls' terms with the tolerance; see :data:`_CheckResult`."""
@@ -621,20 +649,43 @@ class _PendingPass:
     """Checked layers' inputs and outputs of one decode step, verified when the step ends."""
 
     info: ForwardInfo
-    # The stage tracker, whose current pass is this step's own forward unless a pass is nested in it.
-    tracker: StageTracker
     cache_layers: list = field(default_factory=list)
     # Attributes of each cache layer when the step began; empty when no rollback is needed.
     cache_state: list[dict] = field(default_factory=list)
+    # Per cache layer: the length its keys and values are cut back to, or None when
+    # cache_state contains the tensors themselves.
+    cache_lengths: list[int | None] = field(default_factory=list)
     stacks: dict[tuple, "_CopyStack | _TermStack"] = field(default_factory=dict)
     # Calls that do not fit their group's stack: a layer run twice, or another shape or dtype.
     extra: list[tuple["_CheckedLayer", torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    # Passes running inside this step's forward now, such as recomputations. Their layers are checked one by one.
+    nested: int = 0
+
+    def remember_cache(self, cache_layers: list) -> None:
+        """Record what a rollback of this step restores."""
+        for layer in cache_layers:
+            state = dict(vars(layer))
+            length = None
+            keys, values = state.get("keys"), state.get("values")
+            if type(layer) is DynamicLayer and torch.is_tensor(keys) and torch.is_tensor(values):
+                # A DynamicLayer grows by concatenation, so the step's starting keys and values
+                # are the first positions of the new ones. Holding only their length lets the
+                # old tensors be freed during the step, as they are without the check.
+                del state["keys"], state["values"]
+                length = keys.shape[-2]
+            self.cache_layers.append(layer)
+            self.cache_state.append(state)
+            self.cache_lengths.append(length)
 
     def roll_back_cache(self) -> None:
         """Drop the positions the step appended to the KV cache."""
-        for layer, state in zip(self.cache_layers, self.cache_state):
+        for layer, state, length in zip(self.cache_layers, self.cache_state, self.cache_lengths):
+            keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
             vars(layer).clear()
             vars(layer).update(state)
+            if length is not None:
+                layer.keys = keys[..., :length, :]  # [batch, heads, positions, head_dim]
+                layer.values = values[..., :length, :]
 
 
 @dataclass
@@ -857,6 +908,8 @@ class ABFT(Mitigation):
             layer.slot = len(members)
             members.append(layer)
         self._pending: _PendingPass | None = None
+        # The pending step while its own forward runs, and None during a pass nested in it.
+        self._collecting: _PendingPass | None = None
         self._stacked: dict[tuple, _Checksums] = {}
         self._scratch = _Scratch()
         self._abs_source: tuple[torch.Tensor, int] | None = None
@@ -882,7 +935,7 @@ class ABFT(Mitigation):
         self.layers = []
         self._groups = {}
         self._stacks = {}
-        self._pending = None
+        self._pending = self._collecting = None
         self._stacked = {}
         self._scratch = _Scratch()
         self._abs_source = None
@@ -905,28 +958,49 @@ class ABFT(Mitigation):
     def _begin_pass(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         context = self._context
         info = context.forward if context is not None else None
-        if info is None or info.redundant:
-            # A recomputation inside a pass is checked layer by layer.
+        if info is None:
             return
-        self._pending = None
+        pending = self._pending
+        if pending is not None and context.tracker.encloses(pending.info):
+            # A pass inside a decode step's forward, whose layers are checked one by one.
+            pending.nested += 1
+            self._collecting = None
+            return
+        if info.redundant:
+            # A recomputation outside a pending step is checked layer by layer too.
+            return
+        self._pending = self._collecting = None
         if info.index == 0:
             return
         if self.config.correction == "none":
-            self._pending = _PendingPass(info, context.tracker)
-            return
-        key = cache_key_of(kwargs)
-        cache_layers = getattr(kwargs[key], "layers", None) if key is not None else None
-        if cache_layers and all(type(layer) in _REWINDABLE_LAYERS for layer in cache_layers):
-            state = [dict(vars(layer)) for layer in cache_layers]
-            self._pending = _PendingPass(info, context.tracker, list(cache_layers), state)
-        # Otherwise the step cannot be rolled back, so its layers are checked one by one.
+            pending = _PendingPass(info)
+        else:
+            key = cache_key_of(kwargs)
+            cache_layers = getattr(kwargs[key], "layers", None) if key is not None else None
+            if not cache_layers or not all(type(layer) in _REWINDABLE_LAYERS for layer in cache_layers):
+                # The step cannot be rolled back, so its layers are checked one by one.
+                return
+            pending = _PendingPass(info)
+            pending.remember_cache(cache_layers)
+        for group, stack in self._stacks.items():
+            # The previous step's stacks, emptied. The hook makes a new one where none fits.
+            stack.reset()
+            pending.stacks[group] = stack
+        self._pending = self._collecting = pending
 
     def _end_pass(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         context = self._context
         pending = self._pending
-        if context is None or pending is None or pending.info is not context.forward:
+        if context is None or pending is None:
             return None
-        self._pending = None
+        if pending.info is not context.forward:
+            if pending.nested:
+                # A pass inside the step ended, so the step's next layer calls are kept again.
+                pending.nested -= 1
+                if not pending.nested:
+                    self._collecting = pending
+            return None
+        self._pending = self._collecting = None
         with context.timed():
             with torch.no_grad():
                 failures = self._verify_pass(pending)
@@ -953,24 +1027,23 @@ class ABFT(Mitigation):
         ends reads them back from memory, which measured about twice the time.
         """
         stack = pending.stacks.get(layer.group)
-        if stack is None:
-            stack = pending.stacks[layer.group] = self._step_stack(layer.group, x, y)
+        if stack is None or (not any(stack.filled) and not stack.fits(x, y)):
+            # The group's first call of the step, in a group without a stack of this shape.
+            stack = pending.stacks[layer.group] = self._stacks[layer.group] = self._new_stack(layer.group, x, y)
         if not stack.take(layer.slot, x, y):
             pending.extra.append((layer, x, y))
-
-    def _step_stack(self, group: tuple[int, int], x: torch.Tensor, y: torch.Tensor) -> _CopyStack | _TermStack:
-        """Return the group's stack, emptied for a new step, or a new one if the kept one does not fit."""
-        stack = self._stacks.get(group)
-        if stack is None or not stack.fits(x, y):
-            stack = self._stacks[group] = self._new_stack(group, x, y)
-        stack.filled = [False] * len(stack.filled)
-        return stack
 
     def _new_stack(self, group: tuple[int, int], x: torch.Tensor, y: torch.Tensor) -> _CopyStack | _TermStack:
         members = self._groups[group]
         sums = self._stacked_checksums(members, _check_dtype(x.dtype), y.dtype)
-        if _kernel_applies(self.config, x, y, sums):
-            return _TermStack(x, y, sums)
+        kernel_applies = _kernel_applies(self.config, x, y, sums)
+        stack = _TermStack(x, y, sums) if kernel_applies else None
+        for layer in members:
+            # The hook calls the kernel through these, without a lookup per call.
+            layer.term_stack = stack
+            layer.block_address = stack.block_addresses[layer.slot] if stack is not None else 0
+        if stack is not None:
+            return stack
         count = len(members)
         return _CopyStack(
             self._scratch.view(("x", group), (count, *x.shape), x.dtype, x.device),
@@ -986,6 +1059,8 @@ class ABFT(Mitigation):
         for group, stack in pending.stacks.items():
             members = self._groups[group]
             layers = [layer for layer, filled in zip(members, stack.filled) if filled]
+            for layer in layers:
+                layer.checks += 1
             x_shape = stack.x_shape
             # Checksums are cached per whole group and selected per step, so the varying expert
             # subsets of an MoE model do not each add a cache entry.
@@ -997,6 +1072,7 @@ class ABFT(Mitigation):
                 sums = sums.select(slots)
             failures += _failures(layers, stack.check(slots, sums, self._check_copies), x_shape)
         for layer, x, y in pending.extra:
+            layer.checks += 1
             failures += self._check_stacked([layer], x.unsqueeze(0).clone(), y.unsqueeze(0).clone())
         return failures
 
@@ -1048,5 +1124,5 @@ class ABFT(Mitigation):
 
     def after_generate(self, context, output: Any) -> None:
         # Release the last step's kept tensors.
-        self._pending = None
+        self._pending = self._collecting = None
         self._abs_source = None

@@ -14,7 +14,9 @@ Two call patterns get their own entry points:
 - A decode step calls the kernel once per checked layer, with a few rows, right after the
   layer, when numba's argument checks cost as much as the sums. ``call_terms_at`` takes the
   operands' addresses as integers: on a 2-core Intel Xeon, between streamed 3.5 MB weights,
-  a call took 8.5 µs against 14.5 µs with NumPy views, timed in one run.
+  a call took 8.5 µs against 14.5 µs with NumPy views, timed in one run. It takes the sizes
+  and the checksums' addresses from one int64 block per layer, so a call passes three
+  integers, and it marks the block so a second call of the layer in one step is refused.
 - A prompt pass has hundreds of rows per layer, and the sums are bound by memory bandwidth.
   ``parallel_terms`` splits the rows across numba's threads, where a thread-safe threading
   layer exists. Inside ``generate`` on the same Xeon, the prompt-pass kernels took 14-16 ms
@@ -48,6 +50,9 @@ _SUPPORTED_DTYPES = (torch.float32, torch.float64)
 PARALLEL_MIN_ROWS = 64
 # numba threading layers that allow parallel kernels launched from several threads at once.
 _THREAD_SAFE_LAYERS = ("tbb", "omp")
+# int64 fields of a decode-step call's block: rows, in, out, the addresses of column,
+# abs_column and out, and the slot's fill flag.
+CALL_FIELDS = 7
 _kernels: SimpleNamespace | None = None
 _loaded = False
 _threads: "_ThreadPolicy | None" = None
@@ -76,7 +81,6 @@ def _build(numba, cache: bool) -> SimpleNamespace:
     @jit_sums
     def row_terms(x, y, column, abs_column, out, row):
         # The four sums of one row: x [rows, in], y [rows, out], column [in], out [4, rows].
-        # float32 accumulators stay float32 for float32 operands and widen to float64 for float64.
         dot = np.float32(0.0)
         magnitude = np.float32(0.0)
         for i in range(x.shape[1]):
@@ -112,23 +116,34 @@ def _build(numba, cache: bool) -> SimpleNamespace:
             terms(x[layer], y[layer], column[layer], abs_column[layer], out[layer])
 
     def call_terms_at(element):
-        """Return a kernel that reads its operands through integer addresses of ``element`` arrays.
+        """Return a kernel that reads one layer call's operands through integer addresses of ``element`` arrays.
 
-        A decode step calls it once per checked layer with a few rows. Integers pass through
-        numba's dispatch faster than arrays, and no NumPy views need to be made.
+        A decode step calls it once per checked layer with a few rows, right after the layer.
+        It takes three integers: Python objects are cold there, and each argument passed is one
+        more to read. The call's sizes and the other operands' addresses sit in a block of
+        :data:`CALL_FIELDS` int64 values, made once per layer.
         """
         as_element = _pointer_cast(numba, numba.types.CPointer(element))
+        as_int64 = _pointer_cast(numba, numba.types.CPointer(numba.types.int64))
         as_float64 = _pointer_cast(numba, numba.types.CPointer(numba.types.float64))
 
         @jit_sums
-        def kernel(x_address, y_address, rows, n_in, n_out, column_address, abs_column_address, out_address):
-            # The caller guarantees C-contiguous x [rows, in], y [rows, out], column [in], out [4, rows].
+        def kernel(x_address, y_address, block_address):
+            # The caller guarantees C-contiguous x [rows, in] and y [rows, out]. The block gives
+            # rows, in, out, the addresses of column [in], abs_column [in] and out [4, rows],
+            # and a flag that is set once the slot contains a call.
+            block = numba.carray(as_int64(block_address), (CALL_FIELDS,))
+            if block[6]:
+                return False
+            rows, n_in, n_out = block[0], block[1], block[2]
             x = numba.carray(as_element(x_address), (rows, n_in))
             y = numba.carray(as_element(y_address), (rows, n_out))
-            column = numba.carray(as_element(column_address), (n_in,))
-            abs_column = numba.carray(as_element(abs_column_address), (n_in,))
-            out = numba.carray(as_float64(out_address), (4, rows))
+            column = numba.carray(as_element(block[3]), (n_in,))
+            abs_column = numba.carray(as_element(block[4]), (n_in,))
+            out = numba.carray(as_float64(block[5]), (4, rows))
             terms(x, y, column, abs_column, out)
+            block[6] = 1
+            return True
 
         return kernel
 

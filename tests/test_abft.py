@@ -342,6 +342,91 @@ def test_per_pass_static_cache_fallback(tiny_llama):
     assert torch.equal(tokens, golden)
 
 
+class NestedPassAtStep:
+    """Forward hook that runs one redundant 3-token forward of ``model`` inside decode step ``step``."""
+
+    def __init__(self, model, step=2):
+        self.model, self.step = model, step
+        self.decode_calls = 0
+        self.fired = 0
+
+    def __call__(self, module, args, output):
+        if output.shape[1] != 1:
+            return None
+        self.decode_calls += 1
+        if self.fired or self.decode_calls != self.step:
+            return None
+        self.fired += 1
+        from guard.stages import StageTracker
+
+        with StageTracker.of(self.model).redundant():
+            self.model(make_prompt(2, 3, seed=5))
+        return None
+
+
+class FlipInThreeTokenPass(FlipAtStep):
+    """Forward hook flipping an output bit once, in the first forward over 3 positions."""
+
+    def __call__(self, module, args, output):
+        if output.shape[1] != 3 or self.fired:
+            return None
+        self.fired += 1
+        output = output.clone()
+        output[self.row, 0, 1:2].view(torch.int32).__ixor__(1 << 30)
+        return output
+
+
+@pytest.mark.parametrize("fault_in", ["step", "nested_pass"])
+def test_pass_nested_in_decode_step(tiny_llama, fault_in):
+    """A pass run inside a decode step is checked layer by layer, and the step's later layers still wait for its end."""
+    prompt = make_prompt(2, 6)
+    golden = tiny_llama.generate(prompt, **GREEDY)
+    nested = NestedPassAtStep(tiny_llama, step=2)
+    flip = FlipAtStep(step=2, row=1) if fault_in == "step" else FlipInThreeTokenPass(row=1)
+    guard.protect(tiny_llama, ABFT())
+    handles = [
+        tiny_llama.model.layers[0].register_forward_hook(nested),
+        tiny_llama.model.layers[1].self_attn.o_proj.register_forward_hook(flip, prepend=True),
+    ]
+    try:
+        tokens = tiny_llama.generate(prompt, **GREEDY)
+        call = guard.get_report(tiny_llama).last_call
+    finally:
+        for handle in handles:
+            handle.remove()
+        guard.unprotect(tiny_llama)
+    assert (nested.fired, flip.fired) == (1, 1)
+    (detection,) = call.detections
+    assert (detection.step, detection.row, detection.action) == (2, 1, "recomputed")
+    # A fault in the step is found when the step ends, one in the nested pass at its layer.
+    assert detection.detail.endswith("the decode step was recomputed") == (fault_in == "step")
+    assert torch.equal(tokens, golden)
+
+
+def test_rollback_keeps_length_not_tensors():
+    """A DynamicLayer is rolled back by cutting its keys and values to the step's starting length."""
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    from mitigations.abft import _PendingPass
+
+    layer = DynamicLayer()
+    layer.update(torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4))
+    sliding = DynamicSlidingWindowLayer(sliding_window=4)
+    sliding.update(torch.randn(2, 3, 2, 4), torch.randn(2, 3, 2, 4))
+    keys, values, sliding_keys = layer.keys.clone(), layer.values.clone(), sliding.keys
+    pending = _PendingPass(info=None)
+    pending.remember_cache([layer, sliding])
+    layer.update(torch.randn(2, 3, 1, 4), torch.randn(2, 3, 1, 4))
+    sliding.update(torch.randn(2, 3, 1, 4), torch.randn(2, 3, 1, 4))
+    pending.roll_back_cache()
+    assert pending.cache_lengths == [5, None]
+    # Only the sliding-window layer, which drops old positions, holds its tensors.
+    assert not any(torch.is_tensor(value) for value in pending.cache_state[0].values())
+    assert pending.cache_state[1]["keys"] is sliding_keys
+    assert torch.equal(layer.keys, keys) and torch.equal(layer.values, values)
+    assert sliding.keys is sliding_keys
+
+
 @pytest.mark.parametrize("roles", [("o_proj", "down_proj"), "all_linear"])
 def test_decode_checks_fault_free(tiny_llama, roles):
     prompt = make_prompt(3, 6)
@@ -498,7 +583,7 @@ def test_step_check_uneven_calls(tiny_llama, calls, failing, fused_check):
     try:
         abft = guard.protected_mitigations(tiny_llama)[0]
         layers = list(abft.layers)
-        pending = _PendingPass(info=None, tracker=None)
+        pending = _PendingPass(info=None)
         with torch.no_grad():
             for index, corrupt in calls:
                 abft._keep(pending, abft.layers[index], *_kept_call(abft.layers[index], corrupt=corrupt))
