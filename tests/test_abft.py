@@ -280,6 +280,10 @@ class FlipAtStep:
         if self.fired or self.decode_calls != self.step:
             return None
         self.fired += 1
+        return self.fire(output)
+
+    def fire(self, output):
+        """Return a copy of ``output`` with the bit flipped."""
         output = output.clone()
         output[self.row, 0, 1:2].view(torch.int32).__ixor__(1 << 30)
         return output
@@ -342,21 +346,14 @@ def test_per_pass_static_cache_fallback(tiny_llama):
     assert torch.equal(tokens, golden)
 
 
-class NestedPassAtStep:
+class NestedPassAtStep(FlipAtStep):
     """Forward hook that runs one redundant 3-token forward of ``model`` inside decode step ``step``."""
 
     def __init__(self, model, step=2):
-        self.model, self.step = model, step
-        self.decode_calls = 0
-        self.fired = 0
+        super().__init__(step)
+        self.model = model
 
-    def __call__(self, module, args, output):
-        if output.shape[1] != 1:
-            return None
-        self.decode_calls += 1
-        if self.fired or self.decode_calls != self.step:
-            return None
-        self.fired += 1
+    def fire(self, output):
         from guard.stages import StageTracker
 
         with StageTracker.of(self.model).redundant():
@@ -371,9 +368,7 @@ class FlipInThreeTokenPass(FlipAtStep):
         if output.shape[1] != 3 or self.fired:
             return None
         self.fired += 1
-        output = output.clone()
-        output[self.row, 0, 1:2].view(torch.int32).__ixor__(1 << 30)
-        return output
+        return self.fire(output)
 
 
 @pytest.mark.parametrize("fault_in", ["step", "nested_pass"])
