@@ -415,10 +415,11 @@ def test_rollback_keeps_length_not_tensors():
     sliding.update(torch.randn(2, 3, 1, 4), torch.randn(2, 3, 1, 4))
     pending.roll_back_cache()
     assert pending.cache_lengths == [5, None]
-    # Only the sliding-window layer, which drops old positions, holds its tensors.
+    # Only the sliding-window layer, which drops old positions, keeps references to its tensors.
     assert not any(torch.is_tensor(value) for value in pending.cache_state[0].values())
     assert pending.cache_state[1]["keys"] is sliding_keys
-    assert torch.equal(layer.keys, keys) and torch.equal(layer.values, values)
+    assert torch.equal(layer.keys, keys)
+    assert torch.equal(layer.values, values)
     assert sliding.keys is sliding_keys
 
 
