@@ -16,7 +16,7 @@ Two call patterns get their own entry points:
   operands' addresses as integers: on a 2-core Intel Xeon, between streamed 3.5 MB weights,
   a call took 8.5 µs against 14.5 µs with NumPy views, timed in one run. It takes the sizes
   and the checksums' addresses from one int64 block per layer, so a call passes three
-  integers, and it marks the block so a second call of the layer in one step is refused.
+  integers, and it marks the block so that it rejects a second call of the layer in one step.
 - A prompt pass has hundreds of rows per layer, and the sums are bound by memory bandwidth.
   ``parallel_terms`` splits the rows across numba's threads, where a thread-safe threading
   layer exists. Inside ``generate`` on the same Xeon, the prompt-pass kernels took 14-16 ms
@@ -24,10 +24,10 @@ Two call patterns get their own entry points:
 
 Products round in the input format and sums accumulate in it too (float32 or float64). That
 is the rounding the check's tolerance assumes, for any order of summation, so the compiler may
-reorder and vectorize the sums. Accumulating float32 operands in float64 took about twice as
-long on an 800-row prompt-pass check, spent converting. NaN and Inf propagate as in the
-operators. Each row is summed by one thread, so the parallel kernel returns the serial
-kernel's sums bit for bit.
+reorder and vectorize the sums. Accumulating float32 operands in float64 made an 800-row
+prompt-pass check take about twice as long, because converting each value cost as much as
+reading it. NaN and Inf propagate as in the operators. Each row is summed by one thread, so
+the parallel kernel returns the serial kernel's sums bit for bit.
 """
 
 from __future__ import annotations
@@ -119,8 +119,8 @@ def _build(numba, cache: bool) -> SimpleNamespace:
         """Return a kernel that reads one layer call's operands through integer addresses of ``element`` arrays.
 
         A decode step calls it once per checked layer with a few rows, right after the layer.
-        It takes three integers: Python objects are cold there, and each argument passed is one
-        more to read. The call's sizes and the other operands' addresses sit in a block of
+        It takes three integers, because Python objects are out of cache there and each argument
+        passed is one more memory read. The call's sizes and the other operands' addresses sit in a block of
         :data:`CALL_FIELDS` int64 values, made once per layer.
         """
         as_element = _pointer_cast(numba, numba.types.CPointer(element))
@@ -133,7 +133,7 @@ def _build(numba, cache: bool) -> SimpleNamespace:
             # rows, in, out, the addresses of column [in], abs_column [in] and out [4, rows],
             # and a flag that is set once the slot contains a call.
             block = numba.carray(as_int64(block_address), (CALL_FIELDS,))
-            if block[6]:
+            if block[CALL_FIELDS - 1]:
                 return False
             rows, n_in, n_out = block[0], block[1], block[2]
             x = numba.carray(as_element(x_address), (rows, n_in))
@@ -142,7 +142,7 @@ def _build(numba, cache: bool) -> SimpleNamespace:
             abs_column = numba.carray(as_element(block[4]), (n_in,))
             out = numba.carray(as_float64(block[5]), (4, rows))
             terms(x, y, column, abs_column, out)
-            block[6] = 1
+            block[CALL_FIELDS - 1] = 1
             return True
 
         return kernel
