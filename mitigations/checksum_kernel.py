@@ -1,4 +1,4 @@
-"""Fused CPU kernels for the ABFT output check, compiled with numba.
+"""Fused CPU kernels for the ABFT output check and the KV-cache bit checksums, compiled with numba.
 
 The check of a linear layer needs four sums per output row: ``x @ w_c``, ``|x| @ |W|_c``,
 ``sum_j y_j`` and ``sum_j |y_j|``. As separate PyTorch operators these read ``x`` three times,
@@ -28,6 +28,13 @@ reorder and vectorize the sums. Accumulating float32 operands in float64 made an
 prompt-pass check take about twice as long, because converting each value cost as much as
 reading it. NaN and Inf propagate as in the operators. Each row is summed by one thread, so
 the parallel kernel returns the serial kernel's sums bit for bit.
+
+Dual first-token compares KV caches through :func:`bit_sums`: each row's sum of its elements'
+bit patterns, read as integers. Integer sums are exact, so they do not depend on the order of
+summation or the memory layout, and any single bit flip changes them. The kernel reads each
+tensor once. On the Xeon above, 60 tensors shaped as a SmolLM2-135M cache (batch 8, 100
+tokens, 37 MB), read from memory, took 1.9 ms on two threads and 8.4 ms as PyTorch's float64
+row sums.
 """
 
 from __future__ import annotations
@@ -165,7 +172,35 @@ def _build(numba, cache: bool) -> SimpleNamespace:
                 failing += not ok
         return failing
 
+    def bit_sums_of(element, parallel):
+        """Return a kernel that sums the bit patterns of ``element``-sized integers, row by row."""
+        as_element = _pointer_cast(numba, numba.types.CPointer(element))
+        item_bytes = element.bitwidth // 8
+
+        @numba.njit(cache=cache, parallel=parallel)
+        def kernel(addresses, row_elements, out):
+            # Tensor t holds out.shape[0] rows of row_elements[t] contiguous elements at
+            # addresses[t]; out [rows, tensors] gets each row's int64 sum.
+            rows, tensors = out.shape
+            for job in numba.prange(rows * tensors):
+                row = job // tensors
+                tensor = job - row * tensors
+                count = row_elements[tensor]
+                data = numba.carray(as_element(addresses[tensor] + row * count * item_bytes), (count,))
+                total = np.int64(0)
+                for i in range(count):
+                    total += data[i]
+                out[row, tensor] = total
+
+        return kernel
+
+    bit_types = {1: numba.types.int8, 2: numba.types.int16, 4: numba.types.int32}
     return SimpleNamespace(
+        bit_sums={
+            (size, parallel): bit_sums_of(element, parallel)
+            for size, element in bit_types.items()
+            for parallel in (False, True)
+        },
         stack_terms=stack_terms,
         parallel_terms=parallel_terms,
         call_terms_at={
@@ -314,3 +349,47 @@ def compare(
     if not failing:
         return None
     return torch.from_numpy(passed), torch.from_numpy(difference)
+
+
+# Integer views for bit checksums by element size. Eight-byte elements are summed as two
+# four-byte halves, so an int64 accumulator cannot overflow.
+_BIT_VIEWS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int32}
+
+
+def bit_sums(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Return ``[rows, len(tensors)]`` int64 sums of each row's bit patterns, read as integers.
+
+    Every tensor is ``[rows, ...]`` with the same number of rows. A sum is exact and does not
+    depend on layout or order, and a single bit flip anywhere in a row changes it. Contiguous
+    CPU tensors go through one kernel call; the others are summed by PyTorch with the same result.
+    """
+    rows = tensors[0].shape[0]
+    out = torch.empty((rows, len(tensors)), dtype=torch.int64)
+    fused: list[tuple[int, torch.Tensor]] = []
+    for index, tensor in enumerate(tensors):
+        bits = _bit_view(tensor)
+        if bits.device.type == "cpu" and bits.is_contiguous() and bits.numel() and kernels() is not None:
+            fused.append((index, bits))
+        else:
+            out[:, index] = bits.reshape(rows, -1).sum(1, dtype=torch.int64).cpu()
+    # One call per element size. A cache contains one dtype, so this is one call in practice.
+    for size in sorted({bits.element_size() for _, bits in fused}):
+        group = [(index, bits) for index, bits in fused if bits.element_size() == size]
+        addresses = np.array([bits.data_ptr() for _, bits in group], dtype=np.int64)
+        row_elements = np.array([bits.numel() // rows for _, bits in group], dtype=np.int64)
+        sums = np.empty((rows, len(group)), dtype=np.int64)
+        parallel = rows * len(group) > 1 and _threads_allowed()
+        # The arrays hold addresses only: ``group`` keeps the tensors alive through the call.
+        kernels().bit_sums[size, parallel](addresses, row_elements, sums)
+        if parallel:
+            _confirm_layer()
+        out[:, [index for index, _ in group]] = torch.from_numpy(sums)
+    return out
+
+
+def _bit_view(tensor: torch.Tensor) -> torch.Tensor:
+    """Return ``tensor``'s elements reinterpreted as integers of :data:`_BIT_VIEWS`."""
+    if tensor.element_size() == 8 and tensor.stride(-1) != 1:
+        # The view to four-byte halves splits the last dimension, which must be dense.
+        tensor = tensor.contiguous()
+    return tensor.view(_BIT_VIEWS[tensor.element_size()])

@@ -2,8 +2,9 @@
 
 Prefill and the first generated token are the most error-sensitive stages, and both happen
 in forward 0 of ``generate``. After that pass, a hook on the top-level model reruns it
-inside ``tracker.redundant()`` with a fresh KV cache and compares, per batch row, the first
-token (argmax of the last logits), the logits and a KV-cache checksum. Rows that differ get a
+inside ``tracker.redundant()`` with a fresh KV cache and compares, per batch row, the last
+logits bit for bit and a KV-cache checksum (the sum of the cached keys' and values' bit
+patterns, which any single bit flip changes). Rows that differ get a
 third run and a majority vote; when the primary run is outvoted, its logits and KV-cache
 rows are overwritten in place with the agreeing run's, so ``generate`` continues decoding
 from an agreeing state without any change on its side.
@@ -30,6 +31,7 @@ from guard.errors import ConfigError
 from guard.report import Detection
 from guard.stages import cache_key_of
 from mitigations.base import InstallHandle, Mitigation, MitigationConfig, register
+from mitigations.checksum_kernel import bit_sums
 
 logger = logging.getLogger(__name__)
 
@@ -71,9 +73,10 @@ def _tune_allocator() -> bool:
 class DualFirstTokenConfig(MitigationConfig):
     """Comparison settings of the redundant prompt pass.
 
-    ``logits_atol``: largest absolute logit difference still counted as agreement (0 = exact,
-    right for CPU, where the same pass is bit-reproducible; raise it for nondeterministic GPU
-    kernels). ``compare_kv``: also compare per-row KV-cache checksums. ``vote``: run a third
+    ``logits_atol``: largest absolute logit difference still counted as agreement. 0 requires
+    the same bits, which suits CPU, where the same pass is bit-reproducible. Raise it for
+    nondeterministic GPU kernels, and the runs must then also agree on the first token.
+    ``compare_kv``: also compare per-row KV-cache checksums, which must match exactly. ``vote``: run a third
     time on disagreement and continue from the majority; with False, disagreement is only
     reported. ``tune_allocator``: on glibc, set the C allocator's mmap and trim thresholds to
     the maxima glibc itself would reach (32 MiB, 64 MiB) when the mitigation is installed, so
@@ -108,25 +111,40 @@ class _Run:
 
     def __init__(self, logits: torch.Tensor, kv_checksum: torch.Tensor | None, cache: Any = None):
         self.logits = logits  # [batch, vocab] at the last prompt position
-        self.tokens = logits.argmax(-1)
-        self.kv_checksum = kv_checksum  # [batch, 2 * layers] or None
+        self.kv_checksum = kv_checksum  # [batch, 2 * layers] int64 or None
         self.cache = cache
+        self._tokens: torch.Tensor | None = None
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        """``[batch]`` first tokens (argmax of the logits), computed on first access."""
+        if self._tokens is None:
+            self._tokens = self.logits.argmax(-1)
+        return self._tokens
 
 
-def _layer_sums(layer: Any) -> list[torch.Tensor]:
-    """Return float64 sums ``[batch]`` of one cache layer's stored keys and values, or [] when it stores none."""
+def _stored(layer: Any) -> list[torch.Tensor]:
+    """Return one cache layer's stored keys and values, or [] when it stores none."""
     keys = getattr(layer, "keys", None)
     values = getattr(layer, "values", None)
     if not torch.is_tensor(keys) or keys.dim() < 2:
         return []
-    # sum(dtype=float64) accumulates in float64 without a float64 copy of the cache.
-    return [keys.flatten(1).sum(1, dtype=torch.float64), values.flatten(1).sum(1, dtype=torch.float64)]
+    return [keys, values]
 
 
 def _kv_checksum(cache: Any) -> torch.Tensor | None:
-    """Return ``[batch, 2 * layers]`` float64 sums of each row's keys and values."""
-    sums = [total for layer in getattr(cache, "layers", None) or [] for total in _layer_sums(layer)]
-    return torch.stack(sums, dim=1) if sums else None
+    """Return ``[batch, 2 * layers]`` int64 bit-pattern sums of each row's keys and values."""
+    tensors = [tensor for layer in getattr(cache, "layers", None) or [] for tensor in _stored(layer)]
+    return bit_sums(tensors) if tensors else None
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Return ``[batch]`` booleans: True where rows of ``a`` and ``b`` ``[batch, n]`` hold the same bits."""
+    if a.dtype.is_floating_point:
+        # A view of the same width: NaNs with equal bits compare equal, and -0.0 differs from 0.0.
+        bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+        a, b = a.view(bits), b.view(bits)
+    return (a == b).all(-1)
 
 
 class _ChecksumCache(DynamicCache):
@@ -141,15 +159,17 @@ class _ChecksumCache(DynamicCache):
     def __init__(self, config: Any, compare_kv: bool):
         super().__init__(config=config)
         self.compare_kv = compare_kv
-        self.layer_sums: dict[int, list[torch.Tensor]] = {}
+        self.layer_sums: dict[int, torch.Tensor] = {}  # layer -> [batch, 2]
         self.largest_layer_bytes = 0
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
         layer = self.layers[layer_idx]
-        if self.compare_kv:
-            self.layer_sums[layer_idx] = _layer_sums(layer)
-        self.largest_layer_bytes = max(self.largest_layer_bytes, _cache_bytes([layer]))
+        stored = _stored(layer)
+        # Summed here, while the layer's keys and values are still in cache.
+        if self.compare_kv and stored:
+            self.layer_sums[layer_idx] = bit_sums(stored)
+        self.largest_layer_bytes = max(self.largest_layer_bytes, sum(_tensor_bytes(tensor) for tensor in stored))
         # Empty, not None: the layer stays valid for code that reads its length.
         layer.keys = layer.keys.new_empty(0)
         layer.values = layer.values.new_empty(0)
@@ -157,8 +177,17 @@ class _ChecksumCache(DynamicCache):
 
     def checksum(self) -> torch.Tensor | None:
         """Return the checksums in :func:`_kv_checksum`'s layout."""
-        sums = [total for index in sorted(self.layer_sums) for total in self.layer_sums[index]]
-        return torch.stack(sums, dim=1) if sums else None
+        sums = [self.layer_sums[index] for index in sorted(self.layer_sums)]
+        return torch.cat(sums, dim=1) if sums else None
+
+
+def _nonfinite_rows(logits: torch.Tensor) -> torch.Tensor:
+    """Return ``[batch]`` booleans: True where a row of ``logits`` ``[batch, vocab]`` contains NaN or Inf."""
+    if logits.element_size() < 8:
+        # A float64 sum of narrower finite values cannot overflow, so it is finite exactly when
+        # every value is, and it reads the row once instead of writing a mask.
+        return ~torch.isfinite(logits.sum(-1, dtype=torch.float64))
+    return ~torch.isfinite(logits).all(-1)
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> int:
@@ -249,15 +278,14 @@ class DualFirstToken(Mitigation):
 
     def _agree(self, a: _Run, b: _Run) -> torch.Tensor:
         """Return ``[batch]`` booleans: True where the two runs agree on a row."""
-        same = a.tokens == b.tokens
         if self.config.logits_atol == 0:
-            logits_same = (a.logits == b.logits) | (torch.isnan(a.logits) & torch.isnan(b.logits))
-            same &= logits_same.all(-1)
+            # Logits with the same bits have the same argmax, so the tokens need no comparison.
+            same = _same_bits(a.logits, b.logits)
         else:
+            same = a.tokens == b.tokens
             same &= torch.isclose(a.logits, b.logits, rtol=0.0, atol=self.config.logits_atol, equal_nan=True).all(-1)
         if a.kv_checksum is not None and b.kv_checksum is not None:
-            kv_same = (a.kv_checksum == b.kv_checksum) | (torch.isnan(a.kv_checksum) & torch.isnan(b.kv_checksum))
-            same &= kv_same.all(-1)
+            same &= (a.kv_checksum == b.kv_checksum).all(-1)
         return same
 
     def _check(self, module, args, kwargs, cache_key, output, info) -> None:
@@ -270,7 +298,7 @@ class DualFirstToken(Mitigation):
         agree = self._agree(primary, second)
         step = info.index
         if bool(agree.all()):
-            nonfinite = ~torch.isfinite(primary.logits).all(-1)
+            nonfinite = _nonfinite_rows(primary.logits)
             for row in torch.nonzero(nonfinite).flatten().tolist():
                 context.record(Detection(
                     mitigation=self.name, check="nonfinite_logits", action="agreed",

@@ -123,6 +123,82 @@ def test_checksum_cache_matches_full_cache(arch):
     )
 
 
+def _cache_like_tensors() -> list[torch.Tensor]:
+    """KV-cache-shaped tensors in the layouts and formats a cache can hold, 4 rows each."""
+    generator = torch.Generator().manual_seed(0)
+
+    def noise(*shape, dtype=torch.float32):
+        return torch.randn(*shape, generator=generator).to(dtype)
+
+    return [
+        noise(4, 3, 10, 8),  # contiguous keys
+        noise(4, 10, 3, 8).transpose(1, 2),  # keys in the layout projections leave
+        noise(4, 3, 20, 8)[:, :, -6:],  # a sliding-window layer's slice
+        noise(4, 3, 10, 8, dtype=torch.float16),
+        noise(4, 3, 10, 8, dtype=torch.float64),
+        noise(4, 10, 3, 8, dtype=torch.float64).transpose(1, 3),  # last dimension not dense
+    ]
+
+
+def _torch_bit_sums(tensors: list[torch.Tensor]) -> torch.Tensor:
+    from mitigations.checksum_kernel import _bit_view
+
+    return torch.stack([_bit_view(tensor).reshape(4, -1).sum(1, dtype=torch.int64) for tensor in tensors], 1)
+
+
+@pytest.mark.parametrize("path", ["kernel", "serial kernel", "operators"])
+def test_bit_sums_equal_integer_sums(monkeypatch, path):
+    """Every path gives the exact integer sums of the bit patterns, in any layout and format."""
+    from mitigations import checksum_kernel
+
+    if path != "operators" and checksum_kernel.kernels() is None:
+        pytest.skip("numba is not installed, so there is no kernel to test")
+    if path == "serial kernel":
+        monkeypatch.setattr(checksum_kernel, "_threads_allowed", lambda: False)
+    if path == "operators":
+        monkeypatch.setattr(checksum_kernel, "_kernels", None)
+        monkeypatch.setattr(checksum_kernel, "_loaded", True)
+    tensors = _cache_like_tensors()
+    assert torch.equal(checksum_kernel.bit_sums(tensors), _torch_bit_sums(tensors))
+
+
+def test_bit_sum_detects_low_bit_flip():
+    """Flipping the lowest mantissa bit of a tiny key changes its row's bit sum, not its float64 sum."""
+    from mitigations.checksum_kernel import bit_sums
+
+    keys = _cache_like_tensors()[0]
+    keys[2, 1, 4, 5] = 1e-30
+    flipped = keys.clone()
+    flipped.view(torch.int32)[2, 1, 4, 5] ^= 1
+    assert torch.equal(keys.flatten(1).sum(1, dtype=torch.float64), flipped.flatten(1).sum(1, dtype=torch.float64))
+    changed = bit_sums([keys]) != bit_sums([flipped])  # [4, 1]
+    assert changed.flatten().tolist() == [False, False, True, False]
+
+
+def test_logits_compared_bit_for_bit():
+    """Equal NaNs agree, while one unit in the last place or -0.0 against 0.0 does not."""
+    from mitigations.dual_first_token import _same_bits
+
+    a = torch.tensor([[1.0, float("nan")], [1.0, 2.0], [0.0, 2.0]])
+    b = a.clone()
+    b[1, 1] = torch.nextafter(torch.tensor(2.0), torch.tensor(3.0))
+    b[2, 0] = -0.0
+    assert _same_bits(a, b).tolist() == [True, False, False]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_nonfinite_rows(dtype):
+    """Rows with NaN or Inf are found, and a row of the largest finite values is not."""
+    from mitigations.dual_first_token import _nonfinite_rows
+
+    largest = torch.finfo(dtype).max
+    logits = torch.tensor(
+        [[1.0, 2.0], [largest, largest], [float("inf"), 0.0], [float("nan"), 0.0], [-float("inf"), float("inf")]],
+        dtype=dtype,
+    )
+    assert _nonfinite_rows(logits).tolist() == [False, False, True, True, True]
+
+
 def test_extra_memory_below_second_cache(tiny_llama):
     """Without a disagreement, the extra memory is one layer's keys and values plus the logits."""
     from transformers import DynamicCache
