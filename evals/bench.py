@@ -14,7 +14,8 @@ inside every repetition, so slow drift of a shared machine hits all variants ali
   the model generates and once with end-of-sequence stops turned off (full-length outputs).
 
 Every compared path runs once untimed before the first repetition, so no ratio includes a
-cold start. Fewer than 3 repetitions log a warning.
+cold start. Fewer than 3 repetitions log a warning, and so does a run whose idle injector, a
+control that runs the unprotected code, strays more than 1% from 1.00.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ PARTS = ("overhead", "campaign", "prefix")
 # With fewer repetitions, one noisy run can move the median ratio a lot.
 MIN_RELIABLE_REPEATS = 3
 FEW_REPEATS_WARNING = "ratios from fewer than 3 repeats are unreliable"
+# The idle injector adds no hooks, so its ratio times unprotected against unprotected generate.
+# When its median or half its IQR is further than this from 1.00, the run's noise exceeds 1%.
+NOISE_LIMIT = 0.01
 ALL_LINEAR_ABFT = "all_linear_abft"
 ALL_FOUR = "all_four"
 INJECTOR_IDLE = "injector_idle"
@@ -282,6 +286,21 @@ def measure_overhead(model, tokenizer, options: BenchOptions) -> dict[str, Any]:
     }
 
 
+def noise_warning(detail: dict[str, dict[str, Any]]) -> str | None:
+    """Return a warning when the idle injector's ratio shows more noise than :data:`NOISE_LIMIT`, else None."""
+    control = detail.get(INJECTOR_IDLE)
+    if not control or control.get("hooks_added", 0) != 0:
+        return None
+    noise = max(abs(control["ratio"] - 1.0), (control["q3"] - control["q1"]) / 2)
+    if noise <= NOISE_LIMIT:
+        return None
+    return (
+        f"the idle injector, which adds no hooks, measured {control['ratio']:.3f} "
+        f"(IQR {control['q1']:.3f}-{control['q3']:.3f}) against unprotected generate, so ratios "
+        f"within {noise:.3f} of a goal are within this run's noise; use more --repeats or a quieter machine"
+    )
+
+
 def _hook_count(model) -> int:
     count = 0
     for module in model.modules():
@@ -479,6 +498,10 @@ def run_bench(options: BenchOptions, model=None, tokenizer=None) -> dict[str, An
     }
     if "overhead" in options.parts:
         results.update(measure_overhead(model, tokenizer, options))
+        warning = noise_warning(results["overhead_detail"])
+        if warning is not None:
+            logger.warning("%s", warning)
+            results["warnings"].append(warning)
     if "campaign" in options.parts:
         results.update(measure_campaign(model, tokenizer, options))
     if "prefix" in options.parts:

@@ -114,7 +114,8 @@ def test_bench_cli_writes_json(capsys, tiny_folder, tmp_path):
     data = json.loads(target.read_text())
     assert set(data["overhead"]) == REQUIRED_VARIANTS
     assert data["campaign_vs_limit"] is None
-    assert data["warnings"] == ["ratios from fewer than 3 repeats are unreliable"]
+    # The first warning is about the repeats. The noise control may add a second one.
+    assert data["warnings"][0] == "ratios from fewer than 3 repeats are unreliable"
     out = capsys.readouterr().out
     assert "wrote" in out
     assert "note: ratios from fewer than 3 repeats are unreliable" in out
@@ -136,6 +137,32 @@ def test_bench_few_repeats_warn(caplog):
 
     assert options.repeats == 2
     assert "ratios from fewer than 3 repeats are unreliable" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "control, expected",
+    [
+        (dict(ratio=1.004, q1=0.995, q3=1.009, hooks_added=0), None),
+        (dict(ratio=0.978, q1=0.972, q3=0.988, hooks_added=0), "within 0.022 of a goal"),
+        (dict(ratio=1.001, q1=0.970, q3=1.030, hooks_added=0), "within 0.030 of a goal"),
+        (dict(ratio=0.978, q1=0.972, q3=0.988, hooks_added=2), None),
+    ],
+)
+def test_bench_noise_warning(control, expected):
+    """The idle injector is the noise control: a warning names its spread, unless it added hooks."""
+    from evals.bench import noise_warning
+
+    warning = noise_warning({"abft": dict(ratio=1.02, q1=1.01, q3=1.03), "injector_idle": control})
+    if expected is None:
+        assert warning is None
+    else:
+        assert expected in warning
+
+
+def test_bench_noise_warning_without_control():
+    from evals.bench import noise_warning
+
+    assert noise_warning({"abft": dict(ratio=1.02, q1=1.01, q3=1.03)}) is None
 
 
 def test_bench_options_use_flag_names():
