@@ -57,6 +57,7 @@ from guard.errors import ConfigError, unknown_choice
 from guard.report import Detection
 from guard.stages import ForwardInfo, cache_key_of
 from mitigations import checksum_kernel
+from mitigations.checksum_kernel import as_bits
 from mitigations.base import InstallHandle, Mitigation, MitigationConfig, register
 from mitigations.selection import (
     LinearSite,
@@ -73,7 +74,6 @@ SCRUB_MODES = ("generate", "never")
 ACCUMULATIONS = ("float32", "format")
 BOUNDS = ("worst_case", "probabilistic")
 DECODE_CHECKS = ("per_pass", "per_layer")
-_INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _NO_ROWS = torch.empty(0, dtype=torch.long)
 _NO_DIFFERENCES = torch.empty(0, dtype=torch.float64)
 
@@ -426,8 +426,8 @@ class _CheckedLayer:
         if bad_rows.numel():
             restored = self._restore_weight(weight, rows_now, bad_rows, info)
         bias = self.site.bias
-        if bias is not None and not torch.equal(_bits(bias.detach()), _bits(self.bias_copy)):
-            changed = torch.nonzero(_bits(bias.detach()) != _bits(self.bias_copy)).flatten()
+        if bias is not None and not torch.equal(as_bits(bias.detach()), as_bits(self.bias_copy)):
+            changed = torch.nonzero(as_bits(bias.detach()) != as_bits(self.bias_copy)).flatten()
             bias.data.copy_(self.bias_copy)
             restored = True
             self._record_weight(info, "restored", f"bias element(s) {changed.tolist()[:8]} restored")
@@ -472,7 +472,7 @@ class _CheckedLayer:
             self._record_weight(info, "none", "restoring the located elements did not restore the checksums")
             return False
         if words.data_ptr() != weight.data_ptr():
-            _bits(weight).copy_(words.to(_bits(weight).dtype))
+            as_bits(weight).copy_(words.to(as_bits(weight).dtype))
         per_word = weight.shape[-1] // words.shape[1]
         where = [(r, c * per_word) for r, c, _ in fixes][:8]
         self._record_weight(
@@ -866,11 +866,6 @@ def _gamma(n: int, u: float) -> float:
     return n * u / (1 - n * u)
 
 
-def _bits(tensor: torch.Tensor) -> torch.Tensor:
-    """View a floating-point tensor as signed integers of the same width (shares storage)."""
-    return tensor.view(_INT_VIEW[tensor.element_size()])
-
-
 def _words(weight: torch.Tensor) -> torch.Tensor:
     """View a 2-D weight's bits as int64 words ``[rows, words]`` sharing its storage.
 
@@ -880,7 +875,7 @@ def _words(weight: torch.Tensor) -> torch.Tensor:
     """
     if weight.dim() == 2 and weight.is_contiguous() and (weight.shape[1] * weight.element_size()) % 8 == 0:
         return weight.view(torch.int64)
-    return _bits(weight).to(torch.int64)  # a copy: _restore_weight writes it back
+    return as_bits(weight).to(torch.int64)  # a copy: _restore_weight writes it back
 
 
 def _bit_sums(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -351,9 +351,16 @@ def compare(
     return torch.from_numpy(passed), torch.from_numpy(difference)
 
 
+# Signed integers of each element width in bytes, for reading floating-point bits.
+INT_OF_WIDTH = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 # Integer views for bit checksums by element size. Eight-byte elements are summed as two
 # four-byte halves, so an int64 accumulator cannot overflow.
-_BIT_VIEWS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int32}
+_BIT_VIEWS = {**INT_OF_WIDTH, 8: torch.int32}
+
+
+def as_bits(tensor: torch.Tensor) -> torch.Tensor:
+    """View a floating-point tensor as signed integers of the same width (shares storage)."""
+    return tensor.view(INT_OF_WIDTH[tensor.element_size()])
 
 
 def bit_sums(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -31,7 +31,7 @@ from guard.errors import ConfigError
 from guard.report import Detection
 from guard.stages import cache_key_of
 from mitigations.base import InstallHandle, Mitigation, MitigationConfig, register
-from mitigations.checksum_kernel import bit_sums
+from mitigations.checksum_kernel import as_bits, bit_sums
 
 logger = logging.getLogger(__name__)
 
@@ -142,8 +142,7 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Return ``[batch]`` booleans: True where rows of ``a`` and ``b`` ``[batch, n]`` hold the same bits."""
     if a.dtype.is_floating_point:
         # A view of the same width: NaNs with equal bits compare equal, and -0.0 differs from 0.0.
-        bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
-        a, b = a.view(bits), b.view(bits)
+        a, b = as_bits(a), as_bits(b)
     return (a == b).all(-1)
 
 
