@@ -370,7 +370,12 @@ def bit_sums(tensors: list[torch.Tensor]) -> torch.Tensor:
     depend on layout or order, and a single bit flip anywhere in a row changes it. Contiguous
     CPU tensors go through one kernel call; the others are summed by PyTorch with the same result.
     """
+    if not tensors:
+        raise ValueError("bit_sums needs at least one tensor")
     rows = tensors[0].shape[0]
+    row_counts = {tensor.shape[0] for tensor in tensors}
+    if len(row_counts) > 1:
+        raise ValueError(f"bit_sums needs tensors with one row count, got row counts {sorted(row_counts)}")
     out = torch.empty((rows, len(tensors)), dtype=torch.int64)
     fused: list[tuple[int, torch.Tensor]] = []
     for index, tensor in enumerate(tensors):

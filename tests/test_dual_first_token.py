@@ -162,6 +162,13 @@ def test_bit_sums_equal_integer_sums(monkeypatch, path):
     assert torch.equal(checksum_kernel.bit_sums(tensors), _torch_bit_sums(tensors))
 
 
+def test_bit_sums_reject_mixed_rows():
+    from mitigations.checksum_kernel import bit_sums
+
+    with pytest.raises(ValueError, match=r"row counts \[3, 4\]"):
+        bit_sums([torch.zeros(4, 6), torch.zeros(3, 8)])
+
+
 def test_bit_sum_detects_low_bit_flip():
     """Flipping the lowest mantissa bit of a tiny key changes its row's bit sum, not its float64 sum."""
     from mitigations.checksum_kernel import bit_sums
