@@ -383,7 +383,9 @@ def bit_sums(tensors: list[torch.Tensor]) -> torch.Tensor:
         if bits.device.type == "cpu" and bits.is_contiguous() and bits.numel() and kernels() is not None:
             fused.append((index, bits))
         else:
-            out[:, index] = bits.reshape(rows, -1).sum(1, dtype=torch.int64).cpu()
+            # flatten(1) keeps the row count where reshape(rows, -1) could not infer a width (0 rows).
+            per_row = bits.flatten(1) if bits.dim() > 1 else bits.unsqueeze(1)
+            out[:, index] = per_row.sum(1, dtype=torch.int64).cpu()
     # One call per element size. A cache contains one dtype, so this is one call in practice.
     for size in sorted({bits.element_size() for _, bits in fused}):
         group = [(index, bits) for index, bits in fused if bits.element_size() == size]

@@ -169,6 +169,13 @@ def test_bit_sums_reject_mixed_rows():
         bit_sums([torch.zeros(4, 6), torch.zeros(3, 8)])
 
 
+def test_bit_sums_of_empty_tensors():
+    from mitigations.checksum_kernel import bit_sums
+
+    assert bit_sums([torch.zeros(0, 5)]).shape == (0, 1)
+    assert bit_sums([torch.ones(2, 0), torch.ones(2, 3)]).tolist() == [[0, 3 * 0x3F800000]] * 2
+
+
 def test_bit_sum_detects_low_bit_flip():
     """Flipping the lowest mantissa bit of a tiny key changes its row's bit sum, not its float64 sum."""
     from mitigations.checksum_kernel import bit_sums
