@@ -12,6 +12,10 @@ from an agreeing state without any change on its side.
 A persistent fault (a corrupted weight) corrupts every run alike, so agreement does not
 prove the pass correct: when the runs agree but the logits are non-finite, the detection
 says ``agreed`` instead of claiming a correction.
+
+When ``generate`` receives a cache that already contains a prefix of the prompt, forward 0
+processes only the rest, and each rerun starts from the same prefix. A layer that can drop
+positions (a sliding window) may no longer contain that prefix, so such a cache is not rerun.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from guard.errors import ConfigError
 from guard.report import Detection
@@ -180,6 +185,38 @@ class _ChecksumCache(DynamicCache):
         return torch.cat(sums, dim=1) if sums else None
 
 
+def _cached_prefix(cache: DynamicCache, new_positions: int) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Return each layer's keys and values from before a pass that added ``new_positions``.
+
+    Returns [] when the pass started from an empty cache, and None when a prefix exists but a
+    layer other than :class:`DynamicLayer` may have dropped part of it.
+    """
+    cached = int(cache.get_seq_length()) - new_positions
+    if cached <= 0:
+        return []
+    if not all(type(layer) is DynamicLayer for layer in cache.layers):
+        return None
+    # Views: a DynamicLayer grows by concatenation, so the pass left its first positions as they were.
+    return [(layer.keys[:, :, :cached], layer.values[:, :, :cached]) for layer in cache.layers]
+
+
+def _seed(cache: DynamicCache, prefix: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Put ``prefix``, each layer's keys and values, into the empty layers of ``cache``.
+
+    The model sizes its attention mask from the cache length before any layer runs, so the
+    prefix must be in place from the start. A :class:`DynamicLayer` gets the views themselves:
+    its update concatenates, so it reads them and never writes them.
+    """
+    for layer_idx, (keys, values) in enumerate(prefix):
+        layer = cache.layers[layer_idx] if layer_idx < len(cache.layers) else None
+        if type(layer) is DynamicLayer:
+            layer.lazy_initialization(keys, values)
+            layer.keys, layer.values = keys, values
+        else:
+            # The base class's update stores a copy, where a subclass's might not store at all.
+            DynamicCache.update(cache, keys, values, layer_idx)
+
+
 def _nonfinite_rows(logits: torch.Tensor) -> torch.Tensor:
     """Return ``[batch]`` booleans: True where a row of ``logits`` ``[batch, vocab]`` contains NaN or Inf."""
     if logits.element_size() < 8:
@@ -218,6 +255,7 @@ class DualFirstToken(Mitigation):
             )
         self._model = model
         self._warned_cache = False
+        self._warned_prefix = False
         if self.config.tune_allocator:
             _tune_allocator()
         # prepend=True on the top-level module only: the rerun must start while forward 0 is
@@ -250,18 +288,29 @@ class DualFirstToken(Mitigation):
                 )
                 self._warned_cache = True
             return
+        prefix = _cached_prefix(cache, info.seq_len)
+        if prefix is None:
+            if not self._warned_prefix:
+                logger.warning(
+                    "dual_first_token skips the redundant pass: the KV cache already contained "
+                    "part of the prompt, and a layer that drops old positions (a sliding window) "
+                    "may no longer contain it; pass an empty cache to protect the prompt pass",
+                )
+                self._warned_prefix = True
+            return
         with context.timed(), torch.no_grad():
-            self._check(module, args, kwargs, cache_key, output, info)
+            self._check(module, args, kwargs, cache_key, output, info, prefix)
 
     def _rerun(
-        self, module: nn.Module, args: tuple, kwargs: dict, cache_key: str, keep_cache: bool
+        self, module: nn.Module, args: tuple, kwargs: dict, cache_key: str, keep_cache: bool, prefix: list
     ) -> tuple[_Run, int]:
-        """Rerun the prompt pass with a fresh cache. Return the run and its peak extra bytes.
+        """Rerun the prompt pass with a fresh cache that contains ``prefix``. Return the run and its peak extra bytes.
 
         Only a run whose rows may be adopted keeps its KV cache. The other runs keep only their checksums.
         """
         compare_kv = self.config.compare_kv
         fresh = DynamicCache(config=module.config) if keep_cache else _ChecksumCache(module.config, compare_kv)
+        _seed(fresh, prefix)
         rerun_kwargs = dict(kwargs)
         rerun_kwargs[cache_key] = fresh
         with self._context.redundant():
@@ -287,12 +336,12 @@ class DualFirstToken(Mitigation):
             same &= (a.kv_checksum == b.kv_checksum).all(-1)
         return same
 
-    def _check(self, module, args, kwargs, cache_key, output, info) -> None:
+    def _check(self, module, args, kwargs, cache_key, output, info, prefix) -> None:
         context = self._context
         primary_cache = kwargs[cache_key]
         primary_checksum = _kv_checksum(primary_cache) if self.config.compare_kv else None
         primary = _Run(output.logits[:, -1, :], primary_checksum, primary_cache)
-        second, second_bytes = self._rerun(module, args, kwargs, cache_key, keep_cache=False)
+        second, second_bytes = self._rerun(module, args, kwargs, cache_key, False, prefix)
         context.note_memory(second_bytes)
         agree = self._agree(primary, second)
         step = info.index
@@ -317,7 +366,7 @@ class DualFirstToken(Mitigation):
             return
         # The third run keeps its cache: where it sides with the second run, its rows replace the
         # primary run's.
-        third, third_bytes = self._rerun(module, args, kwargs, cache_key, keep_cache=True)
+        third, third_bytes = self._rerun(module, args, kwargs, cache_key, True, prefix)
         context.note_memory(third_bytes + _tensor_bytes(second.logits))
         primary_third = self._agree(primary, third)
         second_third = self._agree(second, third)

@@ -365,3 +365,56 @@ def test_plain_forward_not_duplicated(tiny_llama):
     finally:
         guard.unprotect(tiny_llama)
     assert call.extra_forward_passes == 0
+
+
+def _prefilled_cache(model, prompt: torch.Tensor, length: int):
+    """Return a cache that contains the model's keys and values for the first ``length`` prompt tokens."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(prompt[:, :length], past_key_values=cache, use_cache=True)
+    return cache
+
+
+def test_prefilled_cache_rerun_from_prefix(tiny_llama):
+    """A prompt pass over a cached prefix is rerun from that prefix: no false mismatch, golden tokens."""
+    prompt = make_prompt(2, 20)
+    golden = tiny_llama.generate(prompt, past_key_values=_prefilled_cache(tiny_llama, prompt, 12), **GREEDY)
+    cache = _prefilled_cache(tiny_llama, prompt, 12)
+    guard.protect(tiny_llama, DualFirstToken())
+    try:
+        tokens = tiny_llama.generate(prompt, past_key_values=cache, **GREEDY)
+        call = guard.get_report(tiny_llama).last_call
+    finally:
+        guard.unprotect(tiny_llama)
+    assert call.detections == []
+    assert call.extra_forward_passes == 1
+    assert torch.equal(tokens, golden)
+
+
+def test_prefilled_cache_fault_outvoted(tiny_llama):
+    """The third run also starts from the prefix, so an outvoted primary row adopts a full-length cache row."""
+    prompt = make_prompt(2, 20)
+    golden = tiny_llama.generate(prompt, past_key_values=_prefilled_cache(tiny_llama, prompt, 12), **GREEDY)
+    cache = _prefilled_cache(tiny_llama, prompt, 12)
+    corrupt = CorruptPromptCalls(row=1)
+    tokens, call = run_protected(
+        tiny_llama, prompt, DualFirstToken(), tiny_llama.model.layers[1].mlp.down_proj, corrupt, past_key_values=cache
+    )
+    assert [(d.row, d.action) for d in call.detections] == [(1, "voted")]
+    assert "outvoted" in call.detections[0].detail
+    assert torch.equal(tokens, golden)
+
+
+def test_prefilled_sliding_cache_skipped(caplog):
+    """A sliding-window layer may have dropped the prefix, so the pass is not rerun, with a warning."""
+    model = make_tiny_model("gemma3_text")
+    prompt = make_prompt(2, 24)
+    golden = model.generate(prompt, past_key_values=_prefilled_cache(model, prompt, 20), **GREEDY)
+    cache = _prefilled_cache(model, prompt, 20)
+    with caplog.at_level("WARNING", logger="mitigations.dual_first_token"):
+        tokens, call = run_protected(model, prompt, DualFirstToken(), past_key_values=cache)
+    assert call.extra_forward_passes == 0
+    assert "already contained part of the prompt" in caplog.text
+    assert torch.equal(tokens, golden)
