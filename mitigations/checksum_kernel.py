@@ -29,10 +29,12 @@ prompt-pass check take about twice as long, because converting each value cost a
 reading it. NaN and Inf propagate as in the operators. Each row is summed by one thread, so
 the parallel kernel returns the serial kernel's sums bit for bit.
 
-Dual first-token compares KV caches through :func:`bit_sums`: each row's sum of its elements'
-bit patterns, read as integers. Integer sums are exact, so they do not depend on the order of
-summation or the memory layout, and any single bit flip changes them. The kernel reads each
-tensor once. On the Xeon above, 60 tensors shaped as a SmolLM2-135M cache (batch 8, 100
+Dual first-token compares KV caches through :func:`bit_checksums`: two sums per row of its
+elements' bit patterns, read as integers, one plain and one weighted by position. Integer
+sums are exact, so they do not depend on the order of summation or the memory layout. Any
+change to one element changes the plain sum. A change of two elements that cancels in it, as
+a flip before the position encoding (RoPE) can cause, still changes the weighted sum. The
+kernel reads each tensor once. On the Xeon above, 60 tensors shaped as a SmolLM2-135M cache (batch 8, 100
 tokens, 37 MB), read from memory, took 1.9 ms on two threads and 8.4 ms as PyTorch's float64
 row sums.
 """
@@ -172,7 +174,7 @@ def _build(numba, cache: bool) -> SimpleNamespace:
                 failing += not ok
         return failing
 
-    def bit_sums_of(element, parallel):
+    def bit_checksums_of(element, parallel):
         """Return a kernel that sums the bit patterns of ``element``-sized integers, row by row."""
         as_element = _pointer_cast(numba, numba.types.CPointer(element))
         item_bytes = element.bitwidth // 8
@@ -180,24 +182,29 @@ def _build(numba, cache: bool) -> SimpleNamespace:
         @numba.njit(cache=cache, parallel=parallel)
         def kernel(addresses, row_elements, out):
             # Tensor t holds out.shape[0] rows of row_elements[t] contiguous elements at
-            # addresses[t]; out [rows, tensors] gets each row's int64 sum.
-            rows, tensors = out.shape
+            # addresses[t]. out [rows, tensors, 2] gets each row's plain and weighted sums.
+            rows, tensors = out.shape[0], out.shape[1]
             for job in numba.prange(rows * tensors):
                 row = job // tensors
                 tensor = job - row * tensors
                 count = row_elements[tensor]
                 data = numba.carray(as_element(addresses[tensor] + row * count * item_bytes), (count,))
-                total = np.int64(0)
+                # uint64 arithmetic wraps modulo 2**64, the two's complement of the int64 result.
+                total = np.uint64(0)
+                weighted = np.uint64(0)
                 for i in range(count):
-                    total += data[i]
-                out[row, tensor] = total
+                    value = np.uint64(np.int64(data[i]))
+                    total += value
+                    weighted += value * np.uint64(i + 1)
+                out[row, tensor, 0] = total
+                out[row, tensor, 1] = weighted
 
         return kernel
 
     bit_types = {1: numba.types.int8, 2: numba.types.int16, 4: numba.types.int32}
     return SimpleNamespace(
-        bit_sums={
-            (size, parallel): bit_sums_of(element, parallel)
+        bit_checksums={
+            (size, parallel): bit_checksums_of(element, parallel)
             for size, element in bit_types.items()
             for parallel in (False, True)
         },
@@ -363,42 +370,56 @@ def as_bits(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.view(INT_OF_WIDTH[tensor.element_size()])
 
 
-def bit_sums(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Return ``[rows, len(tensors)]`` int64 sums of each row's bit patterns, read as integers.
+def bit_checksums(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Return ``[rows, 2 * len(tensors)]`` int64 checksums of each row's bit patterns, read as integers.
 
-    Every tensor is ``[rows, ...]`` with the same number of rows. A sum is exact and does not
-    depend on layout or order, and a single bit flip anywhere in a row changes it. Contiguous
-    CPU tensors go through one kernel call; the others are summed by PyTorch with the same result.
+    Every tensor is ``[rows, ...]`` with the same number of rows. Columns ``2t`` and ``2t + 1``
+    are tensor t's plain sum and its sum weighted by the element's position in the row (from
+    1), both modulo 2**64. A change to one or two elements of a row changes at least one of
+    them. Contiguous CPU tensors go through one kernel call, and PyTorch sums the others to
+    the same values.
+
+    NOTE: changes to three or more elements can cancel in both sums. After a flip in a key
+    projection's output, a normalization of each key head (Gemma 3's k_norm) moved several
+    float16 elements by one unit, and 1 of 505 such flips went unnoticed.
     """
     if not tensors:
-        raise ValueError("bit_sums needs at least one tensor")
+        raise ValueError("bit_checksums needs at least one tensor")
     rows = tensors[0].shape[0]
     row_counts = {tensor.shape[0] for tensor in tensors}
     if len(row_counts) > 1:
-        raise ValueError(f"bit_sums needs tensors with one row count, got row counts {sorted(row_counts)}")
-    out = torch.empty((rows, len(tensors)), dtype=torch.int64)
+        raise ValueError(f"bit_checksums needs tensors with one row count, got row counts {sorted(row_counts)}")
+    out = torch.empty((rows, len(tensors), 2), dtype=torch.int64)
     fused: list[tuple[int, torch.Tensor]] = []
     for index, tensor in enumerate(tensors):
         bits = _bit_view(tensor)
         if bits.device.type == "cpu" and bits.is_contiguous() and bits.numel() and kernels() is not None:
             fused.append((index, bits))
         else:
-            # flatten(1) keeps the row count where reshape(rows, -1) could not infer a width (0 rows).
-            per_row = bits.flatten(1) if bits.dim() > 1 else bits.unsqueeze(1)
-            out[:, index] = per_row.sum(1, dtype=torch.int64).cpu()
+            out[:, index] = _torch_bit_checksums(bits)
     # One call per element size. A cache contains one dtype, so this is one call in practice.
     for size in sorted({bits.element_size() for _, bits in fused}):
         group = [(index, bits) for index, bits in fused if bits.element_size() == size]
         addresses = np.array([bits.data_ptr() for _, bits in group], dtype=np.int64)
         row_elements = np.array([bits.numel() // rows for _, bits in group], dtype=np.int64)
-        sums = np.empty((rows, len(group)), dtype=np.int64)
+        sums = np.empty((rows, len(group), 2), dtype=np.uint64)
         parallel = rows * len(group) > 1 and _threads_allowed()
         # The arrays hold addresses only: ``group`` keeps the tensors alive through the call.
-        kernels().bit_sums[size, parallel](addresses, row_elements, sums)
+        kernels().bit_checksums[size, parallel](addresses, row_elements, sums)
         if parallel:
             _confirm_layer()
-        out[:, [index for index, _ in group]] = torch.from_numpy(sums)
-    return out
+        out[:, [index for index, _ in group]] = torch.from_numpy(sums.view(np.int64))
+    return out.flatten(1)
+
+
+def _torch_bit_checksums(bits: torch.Tensor) -> torch.Tensor:
+    """Return ``[rows, 2]``: the plain and position-weighted int64 sums of each row of integer ``bits``."""
+    # flatten(1) keeps the row count where reshape(rows, -1) could not infer a width (0 rows).
+    values = (bits.flatten(1) if bits.dim() > 1 else bits.unsqueeze(1)).to(torch.int64)
+    positions = torch.arange(1, values.shape[1] + 1, dtype=torch.int64, device=values.device)
+    # NOTE: int64 sums wrap modulo 2**64 on the platforms PyTorch supports, as the kernel's
+    # uint64 sums do by definition. A row needs about 2**16 elements before the weighted sum wraps.
+    return torch.stack([values.sum(1), (values * positions).sum(1)], 1).cpu()
 
 
 def _bit_view(tensor: torch.Tensor) -> torch.Tensor:

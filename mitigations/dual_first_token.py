@@ -3,8 +3,8 @@
 Prefill and the first generated token are the most error-sensitive stages, and both happen
 in forward 0 of ``generate``. After that pass, a hook on the top-level model reruns it
 inside ``tracker.redundant()`` with a fresh KV cache and compares, per batch row, the last
-logits bit for bit and a KV-cache checksum (the sum of the cached keys' and values' bit
-patterns, which any single bit flip changes). Rows that differ get a
+logits bit for bit and a KV-cache checksum (plain and position-weighted sums of the cached
+keys' and values' bit patterns, which a change to any one or two elements changes). Rows that differ get a
 third run and a majority vote; when the primary run is outvoted, its logits and KV-cache
 rows are overwritten in place with the agreeing run's, so ``generate`` continues decoding
 from an agreeing state without any change on its side.
@@ -36,7 +36,7 @@ from guard.errors import ConfigError
 from guard.report import Detection
 from guard.stages import cache_key_of
 from mitigations.base import InstallHandle, Mitigation, MitigationConfig, register
-from mitigations.checksum_kernel import as_bits, bit_sums
+from mitigations.checksum_kernel import as_bits, bit_checksums
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class _Run:
 
     def __init__(self, logits: torch.Tensor, kv_checksum: torch.Tensor | None, cache: Any = None):
         self.logits = logits  # [batch, vocab] at the last prompt position
-        self.kv_checksum = kv_checksum  # [batch, 2 * layers] int64 or None
+        self.kv_checksum = kv_checksum  # [batch, 4 * layers] int64 or None
         self.cache = cache
         self._tokens: torch.Tensor | None = None
 
@@ -138,9 +138,9 @@ def _stored(layer: Any) -> list[torch.Tensor]:
 
 
 def _kv_checksum(cache: Any) -> torch.Tensor | None:
-    """Return ``[batch, 2 * layers]`` int64 bit-pattern sums of each row's keys and values."""
+    """Return ``[batch, 4 * layers]`` int64 bit checksums (see :func:`bit_checksums`) of each row's keys and values."""
     tensors = [tensor for layer in getattr(cache, "layers", None) or [] for tensor in _stored(layer)]
-    return bit_sums(tensors) if tensors else None
+    return bit_checksums(tensors) if tensors else None
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -163,7 +163,7 @@ class _ChecksumCache(DynamicCache):
     def __init__(self, config: Any, compare_kv: bool):
         super().__init__(config=config)
         self.compare_kv = compare_kv
-        self.layer_sums: dict[int, torch.Tensor] = {}  # layer -> [batch, 2]
+        self.layer_sums: dict[int, torch.Tensor] = {}  # layer -> [batch, 4]
         self.largest_layer_bytes = 0
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
@@ -172,7 +172,7 @@ class _ChecksumCache(DynamicCache):
         stored = _stored(layer)
         # Summed here, while the layer's keys and values are still in cache.
         if self.compare_kv and stored:
-            self.layer_sums[layer_idx] = bit_sums(stored)
+            self.layer_sums[layer_idx] = bit_checksums(stored)
         self.largest_layer_bytes = max(self.largest_layer_bytes, sum(_tensor_bytes(tensor) for tensor in stored))
         # Empty, not None: the layer stays valid for code that reads its length.
         layer.keys = layer.keys.new_empty(0)

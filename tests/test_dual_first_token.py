@@ -140,14 +140,20 @@ def _cache_like_tensors() -> list[torch.Tensor]:
     ]
 
 
-def _torch_bit_sums(tensors: list[torch.Tensor]) -> torch.Tensor:
+def _reference_checksums(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Plain and position-weighted sums of each row's bit patterns, per tensor: ``[4, 2 * tensors]``."""
     from mitigations.checksum_kernel import _bit_view
 
-    return torch.stack([_bit_view(tensor).reshape(4, -1).sum(1, dtype=torch.int64) for tensor in tensors], 1)
+    columns = []
+    for tensor in tensors:
+        values = _bit_view(tensor).contiguous().reshape(4, -1).to(torch.int64)
+        positions = torch.arange(1, values.shape[1] + 1)
+        columns += [values.sum(1), (values * positions).sum(1)]
+    return torch.stack(columns, 1)
 
 
 @pytest.mark.parametrize("path", ["kernel", "serial kernel", "operators"])
-def test_bit_sums_equal_integer_sums(monkeypatch, path):
+def test_bit_checksums_equal_reference(monkeypatch, path):
     """Every path gives the exact integer sums of the bit patterns, in any layout and format."""
     from mitigations import checksum_kernel
 
@@ -159,34 +165,48 @@ def test_bit_sums_equal_integer_sums(monkeypatch, path):
         monkeypatch.setattr(checksum_kernel, "_kernels", None)
         monkeypatch.setattr(checksum_kernel, "_loaded", True)
     tensors = _cache_like_tensors()
-    assert torch.equal(checksum_kernel.bit_sums(tensors), _torch_bit_sums(tensors))
+    assert torch.equal(checksum_kernel.bit_checksums(tensors), _reference_checksums(tensors))
 
 
-def test_bit_sums_reject_mixed_rows():
-    from mitigations.checksum_kernel import bit_sums
+def test_bit_checksums_reject_mixed_rows():
+    from mitigations.checksum_kernel import bit_checksums
 
     with pytest.raises(ValueError, match=r"row counts \[3, 4\]"):
-        bit_sums([torch.zeros(4, 6), torch.zeros(3, 8)])
+        bit_checksums([torch.zeros(4, 6), torch.zeros(3, 8)])
 
 
-def test_bit_sums_of_empty_tensors():
-    from mitigations.checksum_kernel import bit_sums
+def test_bit_checksums_of_empty_tensors():
+    from mitigations.checksum_kernel import bit_checksums
 
-    assert bit_sums([torch.zeros(0, 5)]).shape == (0, 1)
-    assert bit_sums([torch.ones(2, 0), torch.ones(2, 3)]).tolist() == [[0, 3 * 0x3F800000]] * 2
+    one = 0x3F800000  # the bits of 1.0 in float32
+    assert bit_checksums([torch.zeros(0, 5)]).shape == (0, 2)
+    assert bit_checksums([torch.ones(2, 0), torch.ones(2, 3)]).tolist() == [[0, 0, 3 * one, 6 * one]] * 2
 
 
 def test_bit_sum_detects_low_bit_flip():
-    """Flipping the lowest mantissa bit of a tiny key changes its row's bit sum, not its float64 sum."""
-    from mitigations.checksum_kernel import bit_sums
+    """Flipping the lowest mantissa bit of a tiny key changes its row's bit checksum, not its float64 sum."""
+    from mitigations.checksum_kernel import bit_checksums
 
     keys = _cache_like_tensors()[0]
     keys[2, 1, 4, 5] = 1e-30
     flipped = keys.clone()
     flipped.view(torch.int32)[2, 1, 4, 5] ^= 1
     assert torch.equal(keys.flatten(1).sum(1, dtype=torch.float64), flipped.flatten(1).sum(1, dtype=torch.float64))
-    changed = bit_sums([keys]) != bit_sums([flipped])  # [4, 1]
-    assert changed.flatten().tolist() == [False, False, True, False]
+    changed = (bit_checksums([keys]) != bit_checksums([flipped])).any(1)  # [4]
+    assert changed.tolist() == [False, False, True, False]
+
+
+def test_bit_checksum_detects_cancelling_pair():
+    """Two elements whose bits change by +1 and -1, as a flip before RoPE can cause, change only the weighted sum."""
+    from mitigations.checksum_kernel import bit_checksums
+
+    keys = _cache_like_tensors()[0]
+    changed = keys.clone()
+    changed.view(torch.int32)[1, 0, 2, 3] += 1
+    changed.view(torch.int32)[1, 2, 5, 3] -= 1
+    before, after = bit_checksums([keys]), bit_checksums([changed])  # [4, 2]
+    assert torch.equal(before[:, 0], after[:, 0])
+    assert (before[:, 1] != after[:, 1]).tolist() == [False, True, False, False]
 
 
 def test_logits_compared_bit_for_bit():
