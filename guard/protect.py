@@ -112,6 +112,13 @@ def resolve_mitigations(
         mitigations = DEFAULT_MITIGATIONS
     if isinstance(mitigations, (str, Mitigation)):
         mitigations = [mitigations]
+    if isinstance(mitigations, dict):
+        # Iterating a dict gives its keys, which would drop every setting in it.
+        example = next(iter(mitigations), "abft")
+        raise ConfigError(
+            f"mitigations={mitigations!r} is a dict; pass the names as a list and each one's "
+            f"settings as a keyword, for example protect(model, [{example!r}], {example}={{...}})."
+        )
     try:
         items = list(mitigations)
     except TypeError:

@@ -209,6 +209,12 @@ def test_protect_option_not_a_dict(tiny_llama):
         guard.protect(tiny_llama, "abft", abft=["down_proj"])
 
 
+def test_protect_rejects_settings_dict(tiny_llama):
+    with pytest.raises(ConfigError, match=r"is a dict; pass the names as a list .*dual_first_token=\{\.\.\.\}"):
+        guard.protect(tiny_llama, {"dual_first_token": {"vote": False}})
+    assert not guard.is_protected(tiny_llama)
+
+
 def test_protect_options_for_unlisted_mitigation(tiny_llama):
     with pytest.raises(ConfigError, match="'dual_first_token' is not among the mitigations"):
         guard.protect(tiny_llama, "abft", dual_first_token={"vote": False})
