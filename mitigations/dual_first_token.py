@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
+import numbers
 import platform
 import sys
 from dataclasses import dataclass
@@ -96,11 +98,13 @@ class DualFirstTokenConfig(MitigationConfig):
 
     def __post_init__(self) -> None:
         atol = self.logits_atol
-        if isinstance(atol, bool) or not isinstance(atol, (int, float)) or not atol >= 0:
+        # numbers.Real admits NumPy scalars such as np.float32, which are not Python floats.
+        if isinstance(atol, bool) or not isinstance(atol, numbers.Real) or not 0 <= atol < math.inf:
             raise ConfigError(
-                f"dual_first_token.logits_atol={atol!r} is not valid; use a number >= 0 "
+                f"dual_first_token.logits_atol={atol!r} is not valid; use a finite number >= 0 "
                 "(0 requires bit-identical logits)."
             )
+        self.logits_atol = float(atol)
         for field in ("compare_kv", "vote", "tune_allocator"):
             if not isinstance(getattr(self, field), bool):
                 raise ConfigError(
@@ -256,6 +260,7 @@ class DualFirstToken(Mitigation):
         self._model = model
         self._warned_cache = False
         self._warned_prefix = False
+        self._warned_no_cache = False
         if self.config.tune_allocator:
             _tune_allocator()
         # prepend=True on the top-level module only: the rerun must start while forward 0 is
@@ -274,9 +279,18 @@ class DualFirstToken(Mitigation):
         info = context.forward
         if info is None or info.index != 0 or info.redundant:
             return
-        logits = getattr(output, "logits", None)
+        if getattr(output, "logits", None) is None:
+            return
         cache_key = cache_key_of(kwargs)
-        if logits is None or cache_key is None:
+        if cache_key is None:
+            if not self._warned_no_cache:
+                # Without a cache every forward starts a new sequence for the stage tracker, so
+                # each one would look like a prompt pass.
+                logger.warning(
+                    "dual_first_token skips the redundant pass: generate runs without a KV cache "
+                    "(use_cache=False); keep the cache on to protect the prompt pass",
+                )
+                self._warned_no_cache = True
             return
         cache = kwargs[cache_key]
         if type(cache) is not DynamicCache:

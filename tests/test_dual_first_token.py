@@ -46,6 +46,8 @@ def run_protected(model, prompt, mitigation, module=None, hook=None, **generate)
     "options, message",
     [
         (dict(logits_atol=-1), "logits_atol=-1 is not valid"),
+        (dict(logits_atol=float("inf")), "logits_atol=inf is not valid; use a finite number"),
+        (dict(logits_atol="x"), "logits_atol='x' is not valid"),
         (dict(vote="yes"), "vote='yes' must be True or False"),
         (dict(compare_kv=1), "compare_kv=1 must be True or False"),
         (dict(tune_allocator="no"), "tune_allocator='no' must be True or False"),
@@ -54,6 +56,12 @@ def run_protected(model, prompt, mitigation, module=None, hook=None, **generate)
 def test_config_rejects_bad_values(options, message):
     with pytest.raises(ConfigError, match=message):
         DualFirstToken(**options)
+
+
+def test_config_accepts_numpy_tolerance():
+    import numpy as np
+
+    assert DualFirstToken(logits_atol=np.float32(0.5)).config.logits_atol == 0.5
 
 
 @pytest.mark.parametrize("tune", [True, False])
@@ -437,4 +445,16 @@ def test_prefilled_sliding_cache_skipped(caplog):
         tokens, call = run_protected(model, prompt, DualFirstToken(), past_key_values=cache)
     assert call.extra_forward_passes == 0
     assert "already contained part of the prompt" in caplog.text
+    assert torch.equal(tokens, golden)
+
+
+
+def test_without_cache_skipped(tiny_llama, caplog):
+    """Without a KV cache every forward looks like a prompt pass, so none is rerun, with a warning."""
+    prompt = make_prompt(2, 9)
+    golden = tiny_llama.generate(prompt, use_cache=False, **GREEDY)
+    with caplog.at_level("WARNING", logger="mitigations.dual_first_token"):
+        tokens, call = run_protected(tiny_llama, prompt, DualFirstToken(), use_cache=False)
+    assert call.extra_forward_passes == 0
+    assert "without a KV cache" in caplog.text
     assert torch.equal(tokens, golden)
