@@ -362,7 +362,7 @@ def compare(
 # Signed integers of each element width in bytes, for reading floating-point bits.
 INT_OF_WIDTH = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 # Integer views for bit checksums by element size. Eight-byte elements are summed as two
-# four-byte halves, so an int64 accumulator cannot overflow.
+# four-byte halves, because the kernel reads integers of at most 32 bits.
 _BIT_VIEWS = {**INT_OF_WIDTH, 8: torch.int32}
 
 

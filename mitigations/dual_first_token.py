@@ -148,7 +148,7 @@ def _kv_checksum(cache: Any) -> torch.Tensor | None:
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Return ``[batch]`` booleans: True where rows of ``a`` and ``b`` ``[batch, n]`` hold the same bits."""
+    """Return ``[batch]`` booleans: True where rows of ``a`` and ``b`` ``[batch, n]`` have the same bits."""
     if a.dtype.is_floating_point:
         # A view of the same width: NaNs with equal bits compare equal, and -0.0 differs from 0.0.
         a, b = as_bits(a), as_bits(b)
@@ -177,7 +177,7 @@ class _ChecksumCache(DynamicCache):
         # Summed here, while the layer's keys and values are still in cache.
         if self.compare_kv and stored:
             self.layer_sums[layer_idx] = bit_checksums(stored)
-        self.largest_layer_bytes = max(self.largest_layer_bytes, sum(_tensor_bytes(tensor) for tensor in stored))
+        self.largest_layer_bytes = max(self.largest_layer_bytes, _cache_bytes([layer]))
         # Empty, not None: the layer stays valid for code that reads its length.
         layer.keys = layer.keys.new_empty(0)
         layer.values = layer.values.new_empty(0)

@@ -149,7 +149,7 @@ def _cache_like_tensors() -> list[torch.Tensor]:
 
 
 def _reference_checksums(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Plain and position-weighted sums of each row's bit patterns, per tensor: ``[4, 2 * tensors]``."""
+    """Return the plain and position-weighted sums of each row's bit patterns, per tensor: ``[4, 2 * tensors]``."""
     from mitigations.checksum_kernel import _bit_view
 
     columns = []
@@ -186,9 +186,9 @@ def test_bit_checksums_reject_mixed_rows():
 def test_bit_checksums_of_empty_tensors():
     from mitigations.checksum_kernel import bit_checksums
 
-    one = 0x3F800000  # the bits of 1.0 in float32
+    one_bits = 0x3F800000  # the bits of 1.0 in float32
     assert bit_checksums([torch.zeros(0, 5)]).shape == (0, 2)
-    assert bit_checksums([torch.ones(2, 0), torch.ones(2, 3)]).tolist() == [[0, 0, 3 * one, 6 * one]] * 2
+    assert bit_checksums([torch.ones(2, 0), torch.ones(2, 3)]).tolist() == [[0, 0, 3 * one_bits, 6 * one_bits]] * 2
 
 
 def test_bit_sum_detects_low_bit_flip():
